@@ -1,0 +1,33 @@
+"""aurora_fx: torch.fx model surgery for AuroRA, AROMA and LoRA adapters.
+
+Example:
+    >>> import aurora_fx
+    >>> aurora_fx.sites(model, pattern="query|value")        # dry run: what would be adapted
+    >>> aurora_fx.apply(model, pattern="query|value")         # AuroRA r̃=2, α=4, fused op
+    >>> optimizer = torch.optim.AdamW(aurora_fx.trainable_parameters(model), lr=2e-3)
+"""
+
+from aurora_fx.config import AromaConfig, AuroraConfig, LoraConfig
+from aurora_fx.inventory import adapters, trainable_parameters
+from aurora_fx.passes.match import find_sites as sites
+from aurora_fx.records import AdapterInfo, Site, SiteTable
+from aurora_fx.surgery import apply, disable_adapters, merge, unload
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "apply",
+    "sites",
+    "adapters",
+    "trainable_parameters",
+    "disable_adapters",
+    "merge",
+    "unload",
+    "AuroraConfig",
+    "LoraConfig",
+    "AromaConfig",
+    "Site",
+    "SiteTable",
+    "AdapterInfo",
+    "__version__",
+]

@@ -1,0 +1,203 @@
+"""Frozen, validated adapter configs: one small dataclass per method.
+
+Each config is validated once in ``__post_init__``, never mutated, and round-trips through JSON
+(``to_dict`` / ``config_from_dict``) so that checkpoints can rebuild their adapters.
+
+Example:
+    >>> from aurora_fx.config import AuroraConfig
+    >>> AuroraConfig().scale          # α / r̃ = 4 / 2
+    2.0
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+__all__ = [
+    "AdapterConfig",
+    "LoraConfig",
+    "AuroraConfig",
+    "AromaConfig",
+    "METHODS",
+    "make_config",
+    "config_from_dict",
+]
+
+
+def _check_rank(rank: object) -> None:
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+        raise ValueError(f"rank must be a positive integer, got {rank!r}; use e.g. rank=2 (AuroRA) or rank=8 (LoRA)")
+
+
+def _check_alpha(alpha: object) -> None:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}; the scale is alpha / rank, e.g. alpha=4.0")
+
+
+def _check_dropout(dropout: object) -> None:
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}; use 0.0 to disable it")
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """Fields shared by every method: rank r, alpha α and input dropout p.
+
+    The adapter output is scaled by ``s = α / r`` after the up-projection; dropout acts on the
+    adapter input only (the base path sees the undropped x).
+    """
+
+    rank: int
+    alpha: float
+    dropout: float = 0.0
+    method: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        _check_rank(self.rank)
+        _check_alpha(self.alpha)
+        _check_dropout(self.dropout)
+        object.__setattr__(self, "alpha", float(self.alpha))
+        object.__setattr__(self, "dropout", float(self.dropout))
+
+    @property
+    def scale(self) -> float:
+        """``s = α / r``."""
+        return self.alpha / self.rank
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict, including ``method``."""
+        data = dataclasses.asdict(self)
+        data["method"] = self.method
+        return data
+
+
+@dataclass(frozen=True)
+class LoraConfig(AdapterConfig):
+    """LoRA (arXiv 2106.09685): ``Δ(x) = (α/r)·B·A·drop(x)``. Baseline defaults r 8, α 16."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    method: ClassVar[str] = "lora"
+
+
+@dataclass(frozen=True)
+class AuroraConfig(AdapterConfig):
+    """AuroRA (arXiv 2505.18738): ``Δ(x) = (α/r̃)·B·σ(A·drop(x))`` with the ANL σ (METHODS §2).
+
+    Attributes:
+        rank: Compressed width r̃ (2 in every experiment of the paper).
+        alpha: α; the scale is α/r̃ (UNCONFIRMED against the official code, METHODS §2.3).
+        dropout: Input dropout probability (library default 0.0).
+        grid_size: Spline grid intervals G on ``grid_range``.
+        spline_order: Spline order K (3 = cubic; the fused op supports only 3).
+        grid_range: Range covered by the grid; the basis is zero beyond ``K`` extra knots each side.
+        spline_init: Ws starts as U(-spline_init, spline_init) ("scale_noise" 0.1).
+    """
+
+    rank: int = 2
+    alpha: float = 4.0
+    grid_size: int = 5
+    spline_order: int = 3
+    grid_range: tuple[float, float] = (-1.0, 1.0)
+    spline_init: float = 0.1
+    method: ClassVar[str] = "aurora"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.grid_size, int) or self.grid_size < 1:
+            raise ValueError(f"grid_size must be an integer >= 1, got {self.grid_size!r}; the paper's grid is 5")
+        if not isinstance(self.spline_order, int) or not 1 <= self.spline_order <= 5:
+            raise ValueError(f"spline_order must be an integer in 1..5, got {self.spline_order!r}; cubic is 3")
+        lo, hi = (float(v) for v in self.grid_range)
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+            raise ValueError(f"grid_range must be (lo, hi) with lo < hi, got {self.grid_range!r}; default (-1.0, 1.0)")
+        object.__setattr__(self, "grid_range", (lo, hi))
+        if not 0.0 <= self.spline_init < math.inf:
+            raise ValueError(f"spline_init must be >= 0, got {self.spline_init!r}")
+
+    @property
+    def num_bases(self) -> int:
+        """Number of spline bases per channel, ``G + K``."""
+        return self.grid_size + self.spline_order
+
+    @property
+    def grid_step(self) -> float:
+        """Knot spacing ``h = (hi - lo) / G``."""
+        lo, hi = self.grid_range
+        return (hi - lo) / self.grid_size
+
+
+@dataclass(frozen=True)
+class AromaConfig(AdapterConfig):
+    """AROMA (arXiv 2504.05343): a growing sum of rank-``rank`` pieces (METHODS §3).
+
+    Attributes:
+        rank: Width r of each piece (1 in the paper's main runs).
+        alpha: α; the scale is α/r.
+        dropout: Dropout on the active piece's input (0.1 in the official code).
+        merge_into_base: If True, merged pieces are added to W in place (a full checkpoint, not
+            a detachable adapter). Default False: merged pieces are kept as frozen factors U, V.
+    """
+
+    rank: int = 1
+    alpha: float = 4.0
+    dropout: float = 0.1
+    merge_into_base: bool = False
+    method: ClassVar[str] = "aroma"
+
+
+METHODS: dict[str, type[AdapterConfig]] = {
+    "aurora": AuroraConfig,
+    "lora": LoraConfig,
+    "aroma": AromaConfig,
+}
+
+
+def make_config(
+    method: str = "aurora",
+    rank: int | None = None,
+    alpha: float | None = None,
+    dropout: float | None = None,
+    config: AdapterConfig | None = None,
+) -> AdapterConfig:
+    """Build the config for ``method``, with the method's own defaults for unset fields.
+
+    Args:
+        method: ``"aurora"``, ``"lora"`` or ``"aroma"``.
+        rank: Overrides the method's default rank.
+        alpha: Overrides the method's default alpha.
+        dropout: Overrides the method's default dropout.
+        config: A ready config; then ``method``/``rank``/``alpha``/``dropout`` must be left unset.
+
+    Raises:
+        ValueError: Unknown method, invalid values, or both ``config`` and loose fields.
+    """
+    if config is not None:
+        if not isinstance(config, AdapterConfig):
+            raise TypeError(f"config must be an AuroraConfig, LoraConfig or AromaConfig, got {type(config).__name__}")
+        if any(v is not None for v in (rank, alpha, dropout)):
+            raise ValueError("pass either config=... or rank/alpha/dropout, not both; put the values in the config")
+        return config
+    if not isinstance(method, str) or method.lower() not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
+    overrides = {k: v for k, v in (("rank", rank), ("alpha", alpha), ("dropout", dropout)) if v is not None}
+    return METHODS[method.lower()](**overrides)
+
+
+def config_from_dict(data: dict[str, Any]) -> AdapterConfig:
+    """Inverse of ``AdapterConfig.to_dict``; validates like the constructor."""
+    data = dict(data)
+    method = data.pop("method", None)
+    if method not in METHODS:
+        raise ValueError(f"unknown adapter method {method!r} in config; expected one of {sorted(METHODS)}")
+    cls = METHODS[method]
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ValueError(f"unknown {method} config field(s) {sorted(unknown)}; known fields: {sorted(names)}")
+    if "grid_range" in data:
+        data["grid_range"] = tuple(data["grid_range"])
+    return cls(**data)

@@ -1,0 +1,118 @@
+"""Rewrite pass: every bound linear node ``y = W·x`` becomes ``y + adapter(x)``.
+
+The adapter's own ``forward`` is traced once per config and its graph inlined after the base
+node, so the owner's graph shows the whole adapter subgraph (A, the ANL branches, B, scale),
+each inlined node tagged with ``node.meta["aurora_fx_adapter"] = <adapter attribute>``.
+
+Before (an ``nn.Linear`` traced alone)::
+
+    def forward(self, input):
+        weight = self.weight
+        bias = self.bias
+        linear = torch._C._nn.linear(input, weight, bias)
+        return linear
+
+After (AuroRA, dropout 0)::
+
+    def forward(self, input):
+        weight = self.weight
+        bias = self.bias
+        linear = torch._C._nn.linear(input, weight, bias)
+        adapter_a = self.adapter.A
+        linear_1 = torch._C._nn.linear(input, adapter_a)
+        tanh = torch.tanh(linear_1)
+        ...
+        mul = linear_4 * 2.0
+        add_1 = linear + mul
+        return add_1
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from collections.abc import Iterable
+
+import torch.fx as fx
+from torch import nn
+
+from aurora_fx.passes.base import PassResult, finish_graph
+from aurora_fx.passes.match import ADAPTER_TAG, linear_calls
+from aurora_fx.tracing import Binding
+
+__all__ = ["insert_adapters", "adapter_graph", "inline_adapter"]
+
+
+def adapter_graph(adapter: nn.Module) -> fx.Graph:
+    """The fx graph of ``adapter.forward`` (cached per adapter type and config).
+
+    Its ``get_attr``/``call_module`` targets are relative to the adapter.
+    """
+    key = (type(adapter), adapter.config)
+    cached = _GRAPH_CACHE.get(key)
+    if cached is None:
+        cached = fx.Tracer().trace(adapter)
+        _GRAPH_CACHE[key] = cached
+    return cached
+
+
+_GRAPH_CACHE: dict[tuple[type, object], fx.Graph] = {}
+
+
+def inline_adapter(graph: fx.Graph, x: fx.Node, attr: str, adapter: nn.Module) -> fx.Node:
+    """Copy ``adapter``'s graph into ``graph`` at the current insert point, fed with ``x``.
+
+    Returns:
+        The node holding the adapter output ``Δ(x)``.
+    """
+    env: dict[fx.Node, fx.Node] = {}
+    result = None
+    for node in adapter_graph(adapter).nodes:
+        if node.op == "placeholder":
+            env[node] = x
+        elif node.op == "output":
+            result = env[node.args[0]]
+        else:
+            target = f"{attr}.{node.target}" if node.op in ("get_attr", "call_module") else node.target
+            args, kwargs = fx.map_arg((node.args, node.kwargs), lambda n: env[n])
+            new = graph.create_node(node.op, target, args, kwargs, name=f"{attr}_{node.name}", type_expr=node.type)
+            new.meta = {ADAPTER_TAG: attr}
+            env[node] = new
+    assert result is not None, "adapter graph has no output"
+    return result
+
+
+def _insert_one(graph: fx.Graph, base: fx.Node, x: fx.Node, attr: str, adapter: nn.Module) -> None:
+    """``base`` → ``base + adapter(x)`` for all of ``base``'s users."""
+    with graph.inserting_before(base.next):
+        delta = inline_adapter(graph, x, attr, adapter)
+        total = graph.call_function(operator.add, (base, delta))
+    total.meta = {ADAPTER_TAG: attr, "aurora_fx_role": "sum"}
+    base.replace_all_uses_with(total, delete_user_cb=lambda user: user is not total)
+
+
+def insert_adapters(gm: fx.GraphModule, bindings: Iterable[Binding]) -> PassResult:
+    """Insert the adapter subgraph of each binding after every linear node on its parameter.
+
+    Args:
+        gm: Owner GraphModule that already holds each binding's adapter at ``binding.attr``.
+        bindings: The new bindings (parameters not yet adapted in ``gm``'s graph).
+
+    Returns:
+        ``PassResult(gm, modified)``; the graph is linted and ``forward`` regenerated.
+    """
+    bindings = list(bindings)
+    by_param = {b.param: b for b in bindings}
+    modified = False
+    for call in linear_calls(gm.graph):
+        binding = by_param.get(call.attr)
+        if binding is None:
+            continue
+        _insert_one(gm.graph, call.node, call.x, binding.attr, gm.get_submodule(binding.attr))
+        modified = True
+    return PassResult(finish_graph(gm) if modified else gm, modified)
+
+
+def copy_graph(graph: fx.Graph) -> fx.Graph:
+    """A deep copy of ``graph`` (nodes and meta), so the source stays untouched."""
+    return copy.deepcopy(graph)

@@ -1,0 +1,141 @@
+"""Typed records passed between the steps of the pipeline (no dicts, no bare tuples)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["Site", "Untraceable", "SiteTable", "AdapterInfo", "format_table"]
+
+
+@dataclass(frozen=True)
+class Site:
+    """One linear-like computation ``y = W·x (+ b)`` on a parameter, found by tracing its owner.
+
+    Attributes:
+        path: Site name: the owner's module path, plus ``.<param>`` when the parameter is not
+            called ``weight`` (``encoder.layer.0.attention.self.query``, ``mlp.w_in``).
+        owner: Module path of the module whose own forward computes it ("" is the root).
+        param: Name of the weight parameter inside the owner.
+        kind: ``"linear"`` (nn.Linear), ``"conv1d"`` (HF Conv1D) or ``"functional"``
+            (``F.linear`` / ``@`` / ``addmm`` on a parameter in a module's own forward).
+        op: The traced call: ``"linear"``, ``"addmm"`` or ``"matmul"``.
+        layout: ``"out_in"`` if the weight is stored ``(d_out, d_in)`` like nn.Linear,
+            ``"in_out"`` if stored ``(d_in, d_out)`` like HF Conv1D.
+        in_features: d_in.
+        out_features: d_out.
+        dtype: The weight's dtype, e.g. ``"torch.float32"``.
+        calls: How many times the owner's forward computes it.
+        matched: Whether the pattern selects it (always False without a pattern).
+        reason: Why it cannot be adapted, or None if it can.
+        adapted: The method already applied here ("aurora", "lora", "aroma"), or None.
+    """
+
+    path: str
+    owner: str
+    param: str
+    kind: str
+    op: str
+    layout: str
+    in_features: int
+    out_features: int
+    dtype: str
+    calls: int = 1
+    matched: bool = False
+    reason: str | None = None
+    adapted: str | None = None
+
+    @property
+    def adaptable(self) -> bool:
+        """True when the site can receive an adapter now."""
+        return self.reason is None and self.adapted is None
+
+
+@dataclass(frozen=True)
+class Untraceable:
+    """A module that owns parameters but whose forward torch.fx cannot trace on its own."""
+
+    path: str
+    module_type: str
+    params: tuple[str, ...]
+    error: str
+
+
+@dataclass(frozen=True)
+class SiteTable:
+    """The dry run of ``aurora_fx.sites``: every site found, with match flags and reasons.
+
+    Iterates, indexes and measures like a tuple of ``Site``; ``str()`` gives a printable table.
+    """
+
+    sites: tuple[Site, ...]
+    untraceable: tuple[Untraceable, ...] = ()
+    pattern: str | None = None
+
+    def __iter__(self) -> Iterator[Site]:
+        return iter(self.sites)
+
+    def __len__(self) -> int:
+        return len(self.sites)
+
+    def __getitem__(self, index: int) -> Site:
+        return self.sites[index]
+
+    @property
+    def matched(self) -> tuple[Site, ...]:
+        """Sites the pattern selects."""
+        return tuple(s for s in self.sites if s.matched)
+
+    def get(self, path: str) -> Site | None:
+        """The site called ``path``, or None."""
+        return next((s for s in self.sites if s.path == path), None)
+
+    def __str__(self) -> str:
+        rows = [
+            (s.path or "<root>", s.kind, f"{s.in_features}→{s.out_features}", "yes" if s.matched else "",
+             s.adapted or "", s.reason or "")
+            for s in self.sites
+        ]
+        text = format_table(("site", "kind", "shape", "matched", "adapted", "note"), rows)
+        for u in self.untraceable:
+            text += f"\nnot traced: {u.path} ({u.module_type}, owns {', '.join(u.params)}): {u.error}"
+        return text
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """One adapter living in a model (``aurora_fx.adapters``).
+
+    Attributes:
+        path: Site path (see ``Site.path``).
+        method: "aurora", "lora" or "aroma".
+        rank: r̃ / r; for AROMA the grown rank (merged pieces, plus the active one if trainable).
+        num_params: Adapter parameters and stored factors (trainable or not).
+        trainable_params: How many of them currently require grad.
+        in_features: d_in of the site.
+        out_features: d_out of the site.
+        kind: Site kind (linear, conv1d, functional).
+        fused: Whether the owner graph calls the fused op.
+        config: The adapter config as a dict.
+    """
+
+    path: str
+    method: str
+    rank: int
+    num_params: int
+    trainable_params: int
+    in_features: int
+    out_features: int
+    kind: str
+    fused: bool
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+def format_table(header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> str:
+    """Plain-text table with aligned columns."""
+    cells = [tuple(str(c) for c in header)] + [tuple(str(c) for c in r) for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
