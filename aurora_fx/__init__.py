@@ -7,10 +7,12 @@ Example:
     >>> optimizer = torch.optim.AdamW(aurora_fx.trainable_parameters(model), lr=2e-3)
 """
 
+from aurora_fx.checkpoint import load_adapters, save_adapters
 from aurora_fx.config import AromaConfig, AuroraConfig, LoraConfig
 from aurora_fx.inventory import adapters, trainable_parameters
 from aurora_fx.passes.match import find_sites as sites
 from aurora_fx.records import AdapterInfo, Site, SiteTable
+from aurora_fx.report import AdapterReport, inspect
 from aurora_fx.surgery import apply, disable_adapters, merge, unload
 
 __version__ = "0.1.0"
@@ -23,6 +25,10 @@ __all__ = [
     "disable_adapters",
     "merge",
     "unload",
+    "save_adapters",
+    "load_adapters",
+    "inspect",
+    "AdapterReport",
     "AuroraConfig",
     "LoraConfig",
     "AromaConfig",

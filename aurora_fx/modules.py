@@ -96,8 +96,8 @@ class AuroraAdapter(_AdapterBase):
     """AuroRA: ``Δ(x) = (α/r̃)·B·σ(A·drop(x))``, ``σ(z) = tanh(H·tanh z) + W_s·Σ_i basis(z_i)``.
 
     Init (METHODS §2.4): A Kaiming-uniform(a=√5); B zero (the output starts at exactly 0);
-    H Xavier-normal; Ws U(±spline_init). The 12-knot vector is a non-persistent buffer rebuilt
-    from the config. Parameters per site: ``r̃(d_in + d_out) + r̃² + r̃(G + K)``.
+    H Xavier-normal; Ws U(±spline_init). The 12-knot vector is a non-persistent float64 buffer
+    rebuilt from the config (also after ``.to()``/``.double()``, so casts never round it). Parameters per site: ``r̃(d_in + d_out) + r̃² + r̃(G + K)``.
     """
 
     def __init__(self, in_features: int, out_features: int, config: AuroraConfig, *, device=None, dtype=None) -> None:
@@ -108,11 +108,20 @@ class AuroraAdapter(_AdapterBase):
         self.B = nn.Parameter(torch.zeros(out_features, r, device=device, dtype=dtype))
         self.H = nn.Parameter(torch.empty(r, r, device=device, dtype=dtype))
         self.Ws = nn.Parameter(torch.empty(r, nb, device=device, dtype=dtype))
-        knots = AF.spline_knots(config.grid_size, config.spline_order, config.grid_range, device=device)
-        self.register_buffer("knots", knots, persistent=False)
+        self.register_buffer("knots", self._knots(device), persistent=False)
         _kaiming_uniform(self.A)
         nn.init.xavier_normal_(self.H)
         nn.init.uniform_(self.Ws, -config.spline_init, config.spline_init)
+
+    def _knots(self, device) -> Tensor:
+        cfg = self.config
+        return AF.spline_knots(cfg.grid_size, cfg.spline_order, cfg.grid_range, dtype=torch.float64, device=device)
+
+    def _apply(self, fn, recurse=True):
+        # Knots stay exact float64 whatever .to()/.half()/.double() does to the module.
+        super()._apply(fn, recurse)
+        self.knots = self._knots(self.A.device)
+        return self
 
     def forward(self, x: Tensor) -> Tensor:
         return AF.aurora_delta(self._drop(x), self.A, self.B, self.H, self.Ws, self.knots, self.scale, self.order)
@@ -146,6 +155,7 @@ class AromaAdapter(_AdapterBase):
         self.B = nn.Parameter(torch.zeros(out_features, r, device=device, dtype=dtype))
         self.register_buffer("U", torch.zeros(out_features, 0, device=device, dtype=dtype))
         self.register_buffer("V", torch.zeros(0, in_features, device=device, dtype=dtype))
+        self._frozen = False
         _kaiming_uniform(self.A)
 
     @property
@@ -176,6 +186,21 @@ class AromaAdapter(_AdapterBase):
         self.B.zero_()
         for p in (self.A, self.B):
             p.grad = None
+
+    @property
+    def frozen(self) -> bool:
+        """True once the controller has stopped this site (the active piece no longer trains)."""
+        return bool(self._frozen)
+
+    def checkpoint_state(self) -> dict:
+        """JSON-ready state saved with the tensors."""
+        return {"frozen": self.frozen, "merged_rank": self.merged_rank}
+
+    def restore_state(self, state: dict, tensors: dict[str, Tensor]) -> None:
+        """Prepare for loading: size U, V like the checkpoint's, restore the frozen flag."""
+        width = tensors["U"].shape[1] if "U" in tensors else 0
+        self.resize_factors(width)
+        self._frozen = bool(state.get("frozen", False))
 
     def resize_factors(self, width: int) -> None:
         """Give U, V ``width`` columns/rows (used when loading a grown checkpoint)."""

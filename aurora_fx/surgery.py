@@ -33,10 +33,29 @@ from aurora_fx.passes.match import Pattern, compile_pattern, find_sites, owner_g
 from aurora_fx.records import Site, SiteTable
 from aurora_fx.tracing import Binding, get_submodule, owner_state
 
-__all__ = ["apply", "unload", "merge", "disable_adapters", "OwnerPlan", "plan_owner", "select_sites"]
+__all__ = [
+    "apply",
+    "unload",
+    "merge",
+    "disable_adapters",
+    "SiteRequest",
+    "OwnerPlan",
+    "plan_owners",
+    "select_sites",
+    "commit",
+    "resolve_trainable",
+]
 
 _REQUIRES_GRAD = "_aurora_fx_requires_grad"
 _TRAINABLE = "_aurora_fx_trainable_modules"
+
+
+@dataclass(frozen=True)
+class SiteRequest:
+    """Put an adapter of ``config`` on ``site``."""
+
+    site: Site
+    config: AdapterConfig
 
 
 @dataclass(frozen=True)
@@ -101,10 +120,9 @@ def apply(
     config = make_config(method, rank, alpha, dropout, config)
     table = find_sites(model, pattern)
     chosen = select_sites(table, pattern, config)
-    trainable = _resolve_trainable(model, trainable_modules)
-    plans = [plan_owner(model, owner, sites, config, fuse) for owner, sites in _by_owner(chosen).items()]
-    _commit(model, plans)
-    _freeze_base(model, trainable)
+    trainable = resolve_trainable(model, trainable_modules)
+    plans = plan_owners(model, [SiteRequest(site, config) for site in chosen], fuse)
+    commit(model, plans, trainable)
     return model
 
 
@@ -144,25 +162,26 @@ def _nothing_matched(table: SiteTable, pattern: Pattern) -> str:
     return msg + " See aurora_fx.sites(model) for the full table."
 
 
-def _by_owner(sites: list[Site]) -> dict[str, list[Site]]:
-    groups: dict[str, list[Site]] = {}
-    for site in sites:
-        groups.setdefault(site.owner, []).append(site)
-    return groups
+def plan_owners(model: nn.Module, requests: list[SiteRequest], fuse: bool) -> list[OwnerPlan]:
+    """Build every rewritten owner for ``requests`` (the model is untouched)."""
+    groups: dict[str, list[SiteRequest]] = {}
+    for request in requests:
+        groups.setdefault(request.site.owner, []).append(request)
+    return [_plan_owner(model, path, group, fuse) for path, group in groups.items()]
 
 
-def plan_owner(model: nn.Module, path: str, sites: list[Site], config: AdapterConfig, fuse: bool) -> OwnerPlan:
-    """Build the rewritten owner at ``path`` with adapters on ``sites`` (the model is untouched)."""
+def _plan_owner(model: nn.Module, path: str, requests: list[SiteRequest], fuse: bool) -> OwnerPlan:
     current = get_submodule(model, path)
     state = owner_state(current)
     graph = copy_graph(current.graph) if state is not None else owner_graph(current)
     adapters, bindings = {}, []
-    for site in sites:
+    for request in requests:
+        site = request.site
         weight = current._parameters[site.param]
         attr = adapter_attr(current, site.param)
-        adapters[attr] = build_adapter(config, site.in_features, site.out_features,
+        adapters[attr] = build_adapter(request.config, site.in_features, site.out_features,
                                        device=weight.device, dtype=weight.dtype)
-        bindings.append(Binding(site=site.path, param=site.param, attr=attr, kind=site.kind, layout=site.layout))
+        bindings.append(Binding(site.path, site.param, attr, site.kind, site.layout))
     old = state.bindings if state is not None else ()
     gm = build_owner(current, graph, adapters, old + tuple(bindings))
     gm = insert_adapters(gm, bindings).graph_module
@@ -171,15 +190,18 @@ def plan_owner(model: nn.Module, path: str, sites: list[Site], config: AdapterCo
     return OwnerPlan(path=path, module=gm, new_bindings=tuple(bindings))
 
 
-def _commit(model: nn.Module, plans: list[OwnerPlan]) -> None:
+def commit(model: nn.Module, plans: list[OwnerPlan], trainable: tuple[str, ...]) -> None:
+    """Swap the planned owners into ``model``, guard fast paths, freeze all but the adapters."""
     if not hasattr(model, _REQUIRES_GRAD):
         setattr(model, _REQUIRES_GRAD, {n: p.requires_grad for n, p in model.named_parameters()})
     for plan in plans:
         swap_module(model, plan.path, plan.module)
     guard_fast_paths(model, [p.path for p in plans])
+    _freeze_base(model, trainable)
 
 
-def _resolve_trainable(model: nn.Module, trainable_modules: Pattern) -> tuple[str, ...]:
+def resolve_trainable(model: nn.Module, trainable_modules: Pattern) -> tuple[str, ...]:
+    """Module paths that train besides the adapters: earlier ones plus ``trainable_modules``."""
     paths = tuple(getattr(model, _TRAINABLE, ()))
     if trainable_modules is None:
         return paths

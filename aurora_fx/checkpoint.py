@@ -1,0 +1,274 @@
+"""Adapter checkpoints: one safetensors file whose header carries the adapter config as JSON.
+
+Layout of ``adapters.safetensors``:
+
+* tensors ``adapters/<site path>/<name>`` (A, B, H, Ws; U, V for AROMA) and
+  ``modules/<parameter name>`` for the extra ``trainable_modules`` (e.g. a new head);
+* ``__metadata__["aurora_fx"]``: JSON with the format version, the model class, and per site
+  its owner, parameter, kind, layout, shape, config and state.
+
+Never pickle. The write is atomic (``aurora_fx.atomic``). Loading validates the whole file
+against the model (every site and tensor shape) before anything in the model changes, so a
+failed load leaves the model exactly as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_save
+from torch import nn
+
+from aurora_fx.atomic import atomic_write_bytes
+from aurora_fx.config import AdapterConfig, config_from_dict
+from aurora_fx.owners import iter_owners
+from aurora_fx.passes.match import find_sites
+from aurora_fx.records import Site
+from aurora_fx.surgery import SiteRequest, commit, plan_owners, resolve_trainable
+from aurora_fx.tracing import get_submodule, owner_state
+
+__all__ = ["save_adapters", "load_adapters", "read_checkpoint", "Checkpoint", "CheckpointError", "FORMAT"]
+
+FORMAT = "aurora_fx.adapters"
+FORMAT_VERSION = 1
+DEFAULT_NAME = "adapters.safetensors"
+_META_KEY = "aurora_fx"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, or does not fit the model."""
+
+
+@dataclass(frozen=True)
+class SiteEntry:
+    """One adapted site as recorded in a checkpoint."""
+
+    path: str
+    owner: str
+    param: str
+    kind: str
+    layout: str
+    in_features: int
+    out_features: int
+    config: AdapterConfig
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A parsed checkpoint: metadata plus tensors."""
+
+    path: Path
+    model_class: str
+    sites: tuple[SiteEntry, ...]
+    trainable_modules: tuple[str, ...]
+    tensors: Mapping[str, torch.Tensor]
+    extra: dict[str, Any]
+
+
+def _resolve(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    return path / DEFAULT_NAME if path.is_dir() or path.suffix == "" else path
+
+
+def _site_state(adapter: nn.Module) -> dict[str, Any]:
+    state = getattr(adapter, "checkpoint_state", None)
+    return state() if callable(state) else {}
+
+
+def save_adapters(model: nn.Module, path: str | os.PathLike, *, extra: dict[str, Any] | None = None) -> Path:
+    """Write the adapters (and ``trainable_modules`` parameters) of ``model`` to ``path``.
+
+    Args:
+        model: A model with adapters.
+        path: A ``.safetensors`` file, or a folder (then ``<folder>/adapters.safetensors``).
+        extra: JSON-serialisable notes stored with the checkpoint (e.g. the base model name).
+
+    Returns:
+        The file written.
+
+    Example:
+        >>> aurora_fx.save_adapters(model, "runs/bbc")     # runs/bbc/adapters.safetensors
+    """
+    target = _resolve(path)
+    tensors, sites = {}, []
+    for _, gm in iter_owners(model):
+        state = owner_state(gm)
+        for b in state.bindings:
+            adapter = gm.get_submodule(b.attr)
+            for name, t in _adapter_tensors(adapter).items():
+                tensors[f"adapters/{b.site}/{name}"] = t
+            sites.append({
+                "path": b.site, "owner": _owner_path(model, gm), "param": b.param, "kind": b.kind,
+                "layout": b.layout, "in_features": adapter.in_features, "out_features": adapter.out_features,
+                "config": adapter.config.to_dict(), "state": _site_state(adapter),
+            })
+    if not sites:
+        raise ValueError("model has no aurora_fx adapters to save; call aurora_fx.apply(model, pattern) first")
+    trainable = tuple(getattr(model, "_aurora_fx_trainable_modules", ()))
+    for module_path in trainable:
+        for name, p in get_submodule(model, module_path).named_parameters():
+            tensors[f"modules/{module_path}.{name}"] = p
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model_class": type(model).__name__,
+            "sites": sites, "trainable_modules": list(trainable), "extra": extra or {}}
+    data = safetensors_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+                            metadata={_META_KEY: json.dumps(meta)})
+    atomic_write_bytes(target, data)
+    return target
+
+
+def _adapter_tensors(adapter: nn.Module) -> dict[str, torch.Tensor]:
+    out = dict(adapter.named_parameters(recurse=False))
+    out.update({n: b for n, b in adapter.named_buffers(recurse=False) if n in adapter.state_dict()})
+    return out
+
+
+def _owner_path(model: nn.Module, gm: nn.Module) -> str:
+    return next(path for path, m in model.named_modules() if m is gm)
+
+
+def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Parse and validate a checkpoint file (no model needed).
+
+    Raises:
+        CheckpointError: Missing, truncated or corrupted file, or metadata of another format.
+    """
+    target = _resolve(path)
+    if not target.is_file():
+        raise CheckpointError(f"no checkpoint at {str(target)!r}; save one with aurora_fx.save_adapters(model, path)")
+    try:
+        with safe_open(str(target), framework="pt") as fh:
+            metadata = fh.metadata() or {}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    except Exception as exc:
+        raise CheckpointError(
+            f"{str(target)!r} is not a readable safetensors file ({type(exc).__name__}: {exc}); it may be truncated "
+            f"or corrupted: save it again with aurora_fx.save_adapters"
+        ) from None
+    if _META_KEY not in metadata:
+        raise CheckpointError(f"{str(target)!r} has no aurora_fx metadata; it is not an aurora_fx adapter checkpoint "
+                              f"(for HF PEFT folders use aurora_fx.load_peft_lora)")
+    try:
+        meta = json.loads(metadata[_META_KEY])
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{str(target)!r} has corrupted aurora_fx metadata: {exc}") from None
+    return _parse(target, meta, tensors)
+
+
+def _parse(target: Path, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Checkpoint:
+    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{str(target)!r} has format {meta.get('format')!r} version "
+                              f"{meta.get('format_version')!r}; this aurora_fx reads {FORMAT!r} version {FORMAT_VERSION}")
+    try:
+        sites = tuple(SiteEntry(**{**s, "config": config_from_dict(s["config"])}) for s in meta["sites"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{str(target)!r} has an invalid site record: {exc}") from None
+    return Checkpoint(path=target, model_class=str(meta.get("model_class", "")), sites=sites,
+                      trainable_modules=tuple(meta.get("trainable_modules", ())), tensors=tensors,
+                      extra=dict(meta.get("extra", {})))
+
+
+def load_adapters(model: nn.Module, path: str | os.PathLike, *, fuse: bool = True) -> nn.Module:
+    """Rebuild the checkpoint's adapters on ``model`` (a fresh base model; no prior ``apply``).
+
+    Everything is checked first: each site must exist with the same shape and be free, and
+    every tensor must have the shape the model needs. Only then is the model changed.
+
+    Raises:
+        CheckpointError: The file is unreadable, or a site or tensor does not fit the model
+            (the message names it).
+
+    Example:
+        >>> model = BertForSequenceClassification.from_pretrained(path, num_labels=5)
+        >>> aurora_fx.load_adapters(model, "runs/bbc")
+    """
+    ckpt = read_checkpoint(path)
+    requests = _match_sites(model, ckpt)
+    plans = plan_owners(model, requests, fuse)
+    for plan in plans:
+        for b in plan.new_bindings:
+            _fill_adapter(plan.module.get_submodule(b.attr), b.site, ckpt)
+    module_tensors = _check_module_tensors(model, ckpt)
+    trainable = resolve_trainable(model, [f"^{re.escape(m)}$" for m in ckpt.trainable_modules] or None)
+    commit(model, plans, trainable)
+    with torch.no_grad():
+        for param, value in module_tensors:
+            param.copy_(value)
+    return model
+
+
+def _match_sites(model: nn.Module, ckpt: Checkpoint) -> list[SiteRequest]:
+    wanted = {e.path: e for e in ckpt.sites}
+    table = find_sites(model, lambda p, m: p in wanted)
+    found = {s.path: s for s in table.matched}
+    requests = []
+    for entry in ckpt.sites:
+        site = found.get(entry.path)
+        if site is None:
+            some = ", ".join(s.path for s in list(table)[:12])
+            raise CheckpointError(f"checkpoint site {entry.path!r} does not exist in this {type(model).__name__} "
+                                  f"(saved from {ckpt.model_class}); its sites include: {some}")
+        _check_site(entry, site)
+        requests.append(SiteRequest(site, entry.config))
+    return requests
+
+
+def _check_site(entry: SiteEntry, site: Site) -> None:
+    if site.adapted:
+        raise CheckpointError(f"site {site.path!r} already has a {site.adapted} adapter; load onto a fresh base model "
+                              f"or call aurora_fx.unload(model) first")
+    if site.reason:
+        raise CheckpointError(f"site {site.path!r} cannot take an adapter: {site.reason}")
+    if (entry.in_features, entry.out_features) != (site.in_features, site.out_features):
+        raise CheckpointError(
+            f"checkpoint site {entry.path!r} was saved for in_features={entry.in_features}, "
+            f"out_features={entry.out_features}, but the model's site has in_features={site.in_features}, "
+            f"out_features={site.out_features}; the checkpoint belongs to a different base model")
+
+
+def _fill_adapter(adapter: nn.Module, site: str, ckpt: Checkpoint) -> None:
+    prefix = f"adapters/{site}/"
+    entry = next(e for e in ckpt.sites if e.path == site)
+    given = {k[len(prefix):]: v for k, v in ckpt.tensors.items() if k.startswith(prefix)}
+    restore = getattr(adapter, "restore_state", None)
+    if callable(restore):
+        restore(entry.state, given)
+    expected = _adapter_tensors(adapter)
+    missing = sorted(set(expected) - set(given))
+    if missing:
+        raise CheckpointError(f"checkpoint lacks tensor(s) {[prefix + m for m in missing]} for site {site!r}")
+    with torch.no_grad():
+        for name, target in expected.items():
+            value = given[name]
+            if tuple(value.shape) != tuple(target.shape):
+                raise CheckpointError(
+                    f"checkpoint tensor {prefix + name!r} has shape {tuple(value.shape)} but site {site!r} needs "
+                    f"{tuple(target.shape)} ({entry.config.method} rank {entry.config.rank}, "
+                    f"in_features={adapter.in_features}, out_features={adapter.out_features})")
+            target.copy_(value.to(dtype=target.dtype, device=target.device))
+
+
+def _check_module_tensors(model: nn.Module, ckpt: Checkpoint) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    params = dict(model.named_parameters())
+    out = []
+    for key, value in ckpt.tensors.items():
+        if not key.startswith("modules/"):
+            continue
+        name = key[len("modules/"):]
+        param = params.get(name)
+        if param is None:
+            raise CheckpointError(f"checkpoint tensor {key!r} has no parameter {name!r} in this {type(model).__name__}")
+        if param.shape != value.shape:
+            raise CheckpointError(f"checkpoint tensor {key!r} has shape {tuple(value.shape)} but the model's "
+                                  f"{name!r} has shape {tuple(param.shape)}; e.g. a head with another number of labels")
+        out.append((param, value.to(dtype=param.dtype, device=param.device)))
+    return out
+
