@@ -223,7 +223,7 @@ def _match_sites(model: nn.Module, ckpt: Checkpoint) -> list[SiteRequest]:
 
 def _check_site(entry: SiteEntry, site: Site) -> None:
     if site.adapted:
-        raise CheckpointError(f"site {site.path!r} already has a {site.adapted} adapter; load onto a fresh base model "
+        raise CheckpointError(f"site {site.path!r} already has an adapter ({site.adapted}); load onto a fresh base model "
                               f"or call aurora_fx.unload(model) first")
     if site.reason:
         raise CheckpointError(f"site {site.path!r} cannot take an adapter: {site.reason}")

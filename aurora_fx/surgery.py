@@ -132,7 +132,7 @@ def select_sites(table: SiteTable, pattern: Pattern, config: AdapterConfig) -> l
     if not matched:
         raise ValueError(_nothing_matched(table, pattern))
     problems = [f"{s.path}: {s.reason}" for s in matched if s.reason]
-    problems += [f"{s.path}: already has a {s.adapted} adapter; call aurora_fx.unload(model) first"
+    problems += [f"{s.path}: already has an adapter ({s.adapted}); call aurora_fx.unload(model) first"
                  for s in matched if s.adapted and not s.reason]
     problems += [f"{s.path}: rank {config.rank} > min(in_features={s.in_features}, out_features={s.out_features})"
                  for s in matched if s.adaptable and config.rank > min(s.in_features, s.out_features)]

@@ -14,8 +14,11 @@ decides itself (``module`` is the owner).
 
 from __future__ import annotations
 
+import functools
+import inspect
 import operator
 import re
+import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
@@ -229,15 +232,39 @@ def _adapted_method(owner: nn.Module, binding: object) -> str | None:
     return getattr(owner, binding.attr).config.method
 
 
+_CHILD_WEIGHT_READ = re.compile(r"self\.(\w+)\.(?:weight|bias)\b")
+# Parents whose direct weight reads sit on a fast path that apply() switches off (owners.py).
+_GUARDED_READS = {nn.TransformerEncoderLayer: {"linear1", "linear2"}}
+
+
+@functools.lru_cache(maxsize=512)
+def _children_read_in_forward(cls: type) -> frozenset[str]:
+    """Children whose weight/bias ``cls.forward`` reads directly (a scan of its source)."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls.forward))
+    except (OSError, TypeError):  # built-in or generated code: nothing to scan
+        return frozenset()
+    guarded = set().union(*(names for base, names in _GUARDED_READS.items() if issubclass(cls, base)))
+    return frozenset(set(_CHILD_WEIGHT_READ.findall(source)) - guarded)
+
+
+def _bypass_reason(parent_path: str, parent: nn.Module, child: str) -> str:
+    if isinstance(parent, nn.MultiheadAttention) and child == "out_proj":
+        return (f"nn.MultiheadAttention at {parent_path or '<root>'} computes out_proj from out_proj.weight "
+                f"directly and never calls out_proj, so an adapter there would be silently bypassed")
+    return (f"{type(parent).__name__}.forward at {parent_path or '<root>'} reads {child}.weight directly, so an "
+            f"adapter on {child} could be silently bypassed")
+
+
 def _known_bypasses(model: nn.Module) -> dict[str, str]:
-    """Children whose forward their parent never calls (it reads their weight directly)."""
+    """Children whose weights their parent's forward reads directly (it may never call them)."""
     out = {}
     for path, module in model.named_modules():
-        if isinstance(module, nn.MultiheadAttention):
-            out[join_path(path, "out_proj")] = (
-                f"nn.MultiheadAttention at {path or '<root>'} computes out_proj from out_proj.weight directly "
-                f"and never calls out_proj, so an adapter there would be silently bypassed"
-            )
+        if owner_state(module) is not None:
+            continue
+        for child in _children_read_in_forward(type(module)):
+            if isinstance(module._modules.get(child), nn.Module):
+                out[join_path(path, child)] = _bypass_reason(path, module, child)
     return out
 
 
@@ -273,8 +300,8 @@ def find_sites(model: nn.Module, pattern: Pattern = None) -> SiteTable:
         owner_sites, reads = _owner_sites(path, owner, graph)
         sites.extend(owner_sites)
         for child in reads:
-            bypassed.setdefault(child, f"its parent reads {child}'s weight directly and never calls it, "
-                                       f"so an adapter there would be silently bypassed")
+            bypassed.setdefault(child, f"its parent {path or '<root>'} reads {child}'s weight directly and never "
+                                       f"calls it, so an adapter there would be silently bypassed")
     sites = [_finish(s, bypassed, predicate, model) for s in sites]
     return SiteTable(tuple(sites), tuple(untraceable), pattern if isinstance(pattern, str) else None)
 
