@@ -7,6 +7,7 @@ Example:
     >>> optimizer = torch.optim.AdamW(aurora_fx.trainable_parameters(model), lr=2e-3)
 """
 
+from aurora_fx import export
 from aurora_fx.checkpoint import load_adapters, save_adapters
 from aurora_fx.config import AromaConfig, AuroraConfig, LoraConfig
 from aurora_fx.inventory import adapters, trainable_parameters
@@ -29,6 +30,7 @@ __all__ = [
     "load_adapters",
     "inspect",
     "AdapterReport",
+    "export",
     "AuroraConfig",
     "LoraConfig",
     "AromaConfig",

@@ -1,0 +1,190 @@
+"""The ``aurora-fx`` command: ``demo``, ``sites``, ``train``, ``inspect`` and ``export``.
+
+MODEL is ``minilm`` (the embedded all-MiniLM-L6-v2), a local Hugging Face folder, or
+``timm:<name>``. DATA is ``bbc``, ``tweets``, a folder of ``<label>/*.txt`` files or a CSV with
+``text`` and ``label`` columns.
+
+Examples:
+    aurora-fx sites minilm --pattern 'query|value'
+    aurora-fx train minilm bbc --method aurora --pattern 'query|value' --steps 60 --out runs/bbc
+    aurora-fx inspect runs/bbc/adapters.safetensors --render runs/bbc/map.svg
+    aurora-fx export runs/bbc/adapters.safetensors --out runs/bbc/model.onnx
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from aurora_fx.demo import run_demo
+
+    run_demo(steps=args.steps, test_size=args.test_size, out_dir=args.out, progress=not args.quiet)
+    return 0
+
+
+def _cmd_sites(args: argparse.Namespace) -> int:
+    import aurora_fx
+    from aurora_fx.zoo import load_model
+
+    table = aurora_fx.sites(load_model(args.model).model, args.pattern)
+    print(table)
+    print(f"{len(table)} sites, {len(table.matched)} matched" + (f" by {args.pattern!r}" if args.pattern else ""))
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    import torch
+
+    import aurora_fx
+    from aurora_fx.data import load_text_data, split
+    from aurora_fx.train import TrainConfig, encode, evaluate, train_classifier
+    from aurora_fx.zoo import load_model
+
+    torch.manual_seed(args.seed)
+    data = load_text_data(args.data)
+    train, test = split(data, args.test_size if args.test_size >= 1 else float(args.test_size), seed=args.seed)
+    loaded = load_model(args.model, num_labels=len(data.label_names))
+    if loaded.kind != "text":
+        raise SystemExit("aurora-fx train fine-tunes text classifiers; MODEL must be 'minilm' or a HF folder")
+    model = loaded.model
+    train_enc, test_enc = encode(loaded.tokenizer, train, args.max_length), encode(loaded.tokenizer, test,
+                                                                                  args.max_length)
+    before = evaluate(model, test_enc, progress=not args.quiet)
+    aurora_fx.apply(model, args.pattern, method=args.method, rank=args.rank, alpha=args.alpha,
+                    trainable_modules=args.head)
+    print(aurora_fx.inspect(model).table())
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, max_length=args.max_length,
+                      seed=args.seed)
+    controller_step = _aroma_hook(model, args) if args.method == "aroma" else None
+    result = train_classifier(model, train_enc, cfg, progress=not args.quiet, on_step=controller_step)
+    after = evaluate(model, test_enc, progress=not args.quiet)
+    path = aurora_fx.save_adapters(model, Path(args.out) / "adapters.safetensors", extra={
+        "base_model": args.model, "num_labels": len(data.label_names), "labels": list(data.label_names),
+        "accuracy_before": before, "accuracy_after": after, "steps": args.steps})
+    summary = {"accuracy_before": round(before, 4), "accuracy_after": round(after, 4),
+               "train_seconds": round(result.seconds, 1), "checkpoint": str(path)}
+    print(json.dumps(summary))
+    return 0
+
+
+def _aroma_hook(model, args):
+    from aurora_fx.aroma import attach_to_training
+
+    return attach_to_training(model)
+
+
+def _rebuild(checkpoint: str, model_spec: str | None):
+    import aurora_fx
+    from aurora_fx.checkpoint import read_checkpoint
+    from aurora_fx.zoo import load_model
+
+    ckpt = read_checkpoint(checkpoint)
+    spec = model_spec or ckpt.extra.get("base_model")
+    if not spec:
+        raise SystemExit(f"{checkpoint} does not record its base model; pass --model MODEL")
+    loaded = load_model(spec, num_labels=ckpt.extra.get("num_labels"))
+    aurora_fx.load_adapters(loaded.model, ckpt.path)
+    return loaded
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    import aurora_fx
+
+    loaded = _rebuild(args.checkpoint, args.model)
+    report = aurora_fx.inspect(loaded.model)
+    print(report.table())
+    if args.site:
+        print(report.code(args.site))
+    if args.render:
+        from aurora_fx.render import render
+
+        written = render(report, args.render, site=args.site)
+        print(f"wrote {written}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from aurora_fx.export import to_onnx
+    from aurora_fx.zoo import example_inputs
+
+    loaded = _rebuild(args.checkpoint, args.model)
+    result = to_onnx(loaded.model, args.out, example_kwargs=example_inputs(loaded), merge=args.merge,
+                     lossy=args.lossy)
+    diffs = ", ".join(f"{shape}: {d:.2e}" for shape, d in result.max_abs_diff.items())
+    print(f"wrote {result.path} ({result.bytes / 2**20:.1f} MiB) in {result.seconds:.1f}s; inputs "
+          f"{list(result.input_names)}, outputs {list(result.output_names)}; onnxruntime vs PyTorch max abs diff {diffs}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``aurora-fx``."""
+    parser = argparse.ArgumentParser(prog="aurora-fx", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="fine-tune MiniLM on BBC News with AuroRA, export ONNX, check it")
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--test-size", type=int, default=400)
+    p.add_argument("--out", default="out/demo")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("sites", help="dry run: every linear-like site, and whether PATTERN matches it")
+    p.add_argument("model", help="minilm | HF folder | timm:<name>")
+    p.add_argument("--pattern", default=None, help="regex searched in site paths")
+    p.set_defaults(func=_cmd_sites)
+
+    p = sub.add_parser("train", help="fine-tune a sequence classifier and save the adapter checkpoint")
+    p.add_argument("model", help="minilm | HF folder")
+    p.add_argument("data", help="bbc | tweets | folder of <label>/*.txt | CSV with text,label columns")
+    p.add_argument("--method", choices=["aurora", "lora", "aroma"], default="aurora")
+    p.add_argument("--pattern", default="query|value")
+    p.add_argument("--rank", type=int, default=None)
+    p.add_argument("--alpha", type=float, default=None)
+    p.add_argument("--head", default="classifier", help="modules that also train (regex); default the new head")
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=5e-3)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--test-size", type=float, default=0.2, help="held-out count (>= 1) or fraction")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="out/train")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("inspect", help="print the adapter report of a checkpoint; --render draws it")
+    p.add_argument("checkpoint")
+    p.add_argument("--model", default=None, help="base model, if the checkpoint does not record it")
+    p.add_argument("--site", default=None, help="also print (and render) this site's rewritten graph")
+    p.add_argument("--render", default=None, help="FILE.svg or FILE.png")
+    p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser("export", help="export a checkpoint on its base model to ONNX, verified in onnxruntime")
+    p.add_argument("checkpoint")
+    p.add_argument("--out", required=True, help="FILE.onnx")
+    p.add_argument("--model", default=None)
+    p.add_argument("--merge", action="store_true", help="merge LoRA/AROMA into the base weights first")
+    p.add_argument("--lossy", action="store_true", help="with --merge: allow AuroRA's lossy static merge")
+    p.set_defaults(func=_cmd_export)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``aurora-fx`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"aurora-fx: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

