@@ -130,7 +130,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict[str, Any], dynamic: bool
         warnings.simplefilter("ignore")
         return torch.onnx.export(model, args, kwargs=kwargs or None, dynamo=True, external_data=False,
                                  custom_translation_table=TRANSLATIONS, dynamic_shapes=dynamic_shapes,
-                                 output_names=names, optimize=True)
+                                 output_names=names, optimize=False)  # keep parameter names; ORT folds at load
 
 
 def _write(program: Any, path: Path, external_data: bool | None) -> int:
@@ -158,7 +158,9 @@ def run_onnx(path: str | os.PathLike, feeds: dict[str, Any]) -> list[np.ndarray]
     """Run an ONNX file in onnxruntime on the CPU provider (chosen explicitly)."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: constant-folding notes about CastLike are noise
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     wanted = {i.name for i in session.get_inputs()}
     return session.run(None, {k: _numpy(v) for k, v in feeds.items() if k in wanted})
 

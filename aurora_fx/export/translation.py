@@ -12,6 +12,8 @@ Tensor Ws, float scale, float grid_lo, float grid_step) -> (Tensor, Tensor)``.
 
 from __future__ import annotations
 
+import numpy as np
+import onnx_ir as ir
 from onnxscript import opset18 as op
 
 __all__ = ["aurora_delta_add_onnx"]
@@ -20,7 +22,16 @@ _ORDER = 3
 
 
 def _const(value, like):
-    return op.CastLike(op.Constant(value_float=float(value)), like)
+    """A scalar constant of ``like``'s float type (typed at export time: ORT folds it)."""
+    dtype = getattr(like, "dtype", None)
+    if dtype is None:  # untyped value: let the graph cast it
+        return op.CastLike(op.Constant(value_float=float(value)), like)
+    return op.Constant(value=ir.tensor(np.asarray(value, dtype=dtype.numpy())))
+
+
+def _cast_like(value, like):
+    dtype = getattr(like, "dtype", None)
+    return op.Cast(value, to=int(dtype)) if dtype is not None else op.CastLike(value, like)
 
 
 def _spline(z, Ws, grid_lo: float, grid_step: float):
@@ -29,21 +40,22 @@ def _spline(z, Ws, grid_lo: float, grid_step: float):
     j = op.Floor(u)
     tau = op.Sub(u, j)
     num_bases = op.Shape(Ws, start=1, end=2)  # G + K, int64 (1,)
-    last = op.Cast(op.Add(num_bases, op.Constant(value_ints=[_ORDER - 1])), to=1)  # last valid interval
-    valid = op.And(op.GreaterOrEqual(j, _const(0.0, j)), op.LessOrEqual(j, op.CastLike(last, j)))
-    mask = op.CastLike(valid, z)
+    last = _cast_like(op.Add(num_bases, op.Constant(value_ints=[_ORDER - 1])), j)  # last valid interval
+    zero = _const(0.0, z)
+    valid = op.And(op.GreaterOrEqual(j, zero), op.LessOrEqual(j, last))
     one, two, three, four, six = (_const(v, z) for v in (1.0, 2.0, 3.0, 4.0, 6.0))
     t2 = op.Mul(tau, tau)
     t3 = op.Mul(t2, tau)
     om = op.Sub(one, tau)
-    w0 = op.Mul(op.Mul(om, op.Mul(om, om)), mask)
-    w1 = op.Mul(op.Add(op.Sub(op.Mul(three, t3), op.Mul(op.Mul(two, three), t2)), four), mask)
-    w2 = op.Mul(op.Add(op.Add(op.Add(op.Mul(op.Neg(three), t3), op.Mul(three, t2)), op.Mul(three, tau)), one), mask)
-    w3 = op.Mul(t3, mask)
+    w0 = op.Where(valid, op.Mul(om, op.Mul(om, om)), zero)
+    w1 = op.Where(valid, op.Add(op.Sub(op.Mul(three, t3), op.Mul(op.Mul(two, three), t2)), four), zero)
+    w2 = op.Where(valid, op.Add(op.Add(op.Add(op.Mul(op.Neg(three), t3), op.Mul(three, t2)), op.Mul(three, tau)), one),
+                  zero)
+    w3 = op.Where(valid, t3, zero)
     axis = op.Constant(value_ints=[-1])
     weights = op.Div(op.Concat(op.Unsqueeze(w0, axis), op.Unsqueeze(w1, axis), op.Unsqueeze(w2, axis),
                                op.Unsqueeze(w3, axis), axis=-1), six)  # (..., r, 4)
-    start = op.Cast(op.Where(valid, j, _const(0.0, j)), to=7)  # int64
+    start = op.Cast(op.Where(valid, j, zero), to=7)  # int64
     idx = op.Add(op.Unsqueeze(start, axis), op.Constant(value_ints=[0, 1, 2, 3]))  # (..., r, 4)
     pad = op.Expand(_const(0.0, Ws), op.Concat(op.Shape(Ws, start=0, end=1), op.Constant(value_ints=[_ORDER]),
                                                axis=0))

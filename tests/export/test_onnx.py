@@ -1,0 +1,89 @@
+"""to_onnx: adapters baked in, standard ops only, verified in onnxruntime at two shapes."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import onnx
+import pytest
+import torch
+
+import aurora_fx
+from aurora_fx.export import ExportVerificationError, run_onnx, to_onnx
+from tests.models import CASES, randomize_adapters
+
+pytestmark = pytest.mark.slow
+STANDARD_DOMAINS = {"", "ai.onnx"}
+
+
+def _adapted(name, **kwargs):
+    case = CASES[name]
+    model = case.build()
+    aurora_fx.apply(model, case.pattern, **kwargs)
+    randomize_adapters(model, std=0.2)
+    return case, model
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2", "llama", "timm_vit"])
+def test_aurora_models_export_and_match_in_onnxruntime(name, tmp_path):
+    case, model = _adapted(name)
+    result = to_onnx(model, tmp_path / f"{name}.onnx", example_kwargs=case.inputs(2, 7))
+    assert len(result.max_abs_diff) == 2  # the example and a second, differently shaped input
+    assert max(result.max_abs_diff.values()) <= 1e-4
+    proto = onnx.load(str(result.path))
+    onnx.checker.check_model(proto)
+    assert {n.domain for n in proto.graph.node} <= STANDARD_DOMAINS
+    assert not proto.functions or all(n.domain in STANDARD_DOMAINS for f in proto.functions for n in f.node)
+    assert result.adapter_nodes > 0  # the adapter is recognisable by name
+    assert [p.name for p in tmp_path.iterdir()] == [f"{name}.onnx"]  # one self-contained file, no temp left
+
+
+def test_adapter_weights_are_initializers_and_change_the_output(tmp_path):
+    case, model = _adapted("bert")
+    inputs = case.inputs(2, 7)
+    result = to_onnx(model, tmp_path / "m.onnx", example_kwargs=inputs)
+    names = {i.name for i in onnx.load(str(result.path)).graph.initializer}
+    assert any("adapter" in n and n.endswith("Ws") for n in names)
+    with torch.no_grad(), aurora_fx.disable_adapters(model):
+        base = model(**inputs).last_hidden_state
+    got = torch.from_numpy(run_onnx(result.path, inputs)[0])
+    assert (got - base).abs().max() > 1e-3
+
+
+def test_merged_lora_is_exactly_the_base_graph(tmp_path):
+    case = CASES["bert"]
+    base = case.build()
+    inputs = case.inputs(2, 7)
+    base_ops = Counter(to_onnx(base, tmp_path / "base.onnx", example_kwargs=inputs).op_counts)
+    aurora_fx.apply(base, case.pattern, method="lora", rank=4)
+    randomize_adapters(base, std=0.05)
+    merged = to_onnx(base, tmp_path / "merged.onnx", example_kwargs=inputs, merge=True)
+    unmerged = to_onnx(base, tmp_path / "unmerged.onnx", example_kwargs=inputs)
+    assert Counter(merged.op_counts) == base_ops
+    assert sum(unmerged.op_counts.values()) > sum(base_ops.values())
+    assert aurora_fx.adapters(base)  # exporting merged never touches the user's model
+
+
+def test_merged_aurora_needs_lossy(tmp_path):
+    case, model = _adapted("bert")
+    with pytest.raises(ValueError, match="lossy=True"):
+        to_onnx(model, tmp_path / "m.onnx", example_kwargs=case.inputs(2, 7), merge=True)
+
+
+def test_inputs_the_model_rejects_give_a_clear_error(tmp_path):
+    case, model = _adapted("bert")
+    with pytest.raises(ValueError, match="the model rejects the example inputs"):
+        to_onnx(model, tmp_path / "m.onnx", example_kwargs={"input_ids": torch.randn(2, 3, 4)})
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_a_too_strict_tolerance_raises_with_the_difference(tmp_path):
+    case, model = _adapted("functional")
+    with pytest.raises(ExportVerificationError, match=r"max abs .* \(> atol 1e-30\)"):
+        to_onnx(model, tmp_path / "m.onnx", example_kwargs=case.inputs(2, 7), atol=1e-30)
+
+
+def test_external_data_on_request(tmp_path):
+    case, model = _adapted("functional")
+    result = to_onnx(model, tmp_path / "m.onnx", example_kwargs=case.inputs(2, 7), external_data=True)
+    assert (tmp_path / "m.onnx.data").is_file() and max(result.max_abs_diff.values()) <= 1e-4
