@@ -49,7 +49,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     torch.manual_seed(args.seed)
     data = load_text_data(args.data)
-    train, test = split(data, args.test_size if args.test_size >= 1 else float(args.test_size), seed=args.seed)
+    test_size = int(args.test_size) if args.test_size >= 1 else float(args.test_size)
+    train, test = split(data, test_size, seed=args.seed)
     loaded = load_model(args.model, num_labels=len(data.label_names))
     if loaded.kind != "text":
         raise SystemExit("aurora-fx train fine-tunes text classifiers; MODEL must be 'minilm' or a HF folder")

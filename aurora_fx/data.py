@@ -112,6 +112,9 @@ def load_text_data(source: str | os.PathLike) -> TextDataset:
 def split(data: TextDataset, test: int | float, seed: int = 0) -> tuple[TextDataset, TextDataset]:
     """Stratified split into ``(rest, test)``; ``test`` is a count or a fraction."""
     n_test = int(round(test * len(data))) if isinstance(test, float) else int(test)
+    if not 0 < n_test < len(data):
+        raise ValueError(f"test={test!r} leaves {n_test} of {len(data)} examples for testing; use a count in "
+                         f"1..{len(data) - 1} or a fraction in (0, 1)")
     rng = random.Random(seed)
     by_label: dict[int, list[int]] = {}
     for i, y in enumerate(data.labels):

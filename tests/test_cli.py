@@ -1,0 +1,81 @@
+"""Every CLI command through its entry point, on small inputs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from aurora_fx.cli import main
+from aurora_fx.data import load_bbc
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def bbc_folder(tmp_path_factory):
+    """A small BBC News folder of <label>/*.txt files (30 per class)."""
+    root = tmp_path_factory.mktemp("bbc")
+    bbc = load_bbc()
+    counts: dict[int, int] = {}
+    for i, (text, y) in enumerate(zip(bbc.texts, bbc.labels)):
+        if counts.get(y, 0) < 30:
+            counts[y] = counts.get(y, 0) + 1
+            (root / bbc.label_names[y]).mkdir(exist_ok=True)
+            (root / bbc.label_names[y] / f"{i}.txt").write_text(text)
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(bbc_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    code = main(["train", "minilm", str(bbc_folder), "--steps", "6", "--max-length", "48", "--test-size", "25",
+                 "--out", str(out), "--quiet"])
+    assert code == 0
+    return out
+
+
+def test_sites_prints_the_dry_run_table(capsys):
+    assert main(["sites", "minilm", "--pattern", "query|value"]) == 0
+    out = capsys.readouterr().out
+    assert "encoder.layer.5.attention.self.value" in out and "37 sites, 12 matched by 'query|value'" in out
+
+
+def test_sites_on_a_timm_model(capsys):
+    assert main(["sites", "timm:resnet10t", "--pattern", "fc"]) == 0
+    assert "1 matched" in capsys.readouterr().out
+
+
+def test_train_end_to_end_on_a_bbc_folder(trained, capsys):
+    assert (trained / "adapters.safetensors").is_file()
+
+
+def test_inspect_prints_the_report(trained, capsys):
+    assert main(["inspect", str(trained / "adapters.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "12 adapted site(s) in BertForSequenceClassification" in out
+
+
+def test_export_writes_a_verified_onnx(trained, capsys):
+    target = trained / "model.onnx"
+    assert main(["export", str(trained / "adapters.safetensors"), "--out", str(target)]) == 0
+    assert target.is_file() and "onnxruntime vs PyTorch max abs diff" in capsys.readouterr().out
+
+
+def test_bad_model_gives_an_error_exit(capsys):
+    assert main(["sites", "no/such/folder"]) == 2
+    assert "neither 'minilm'" in capsys.readouterr().err
+
+
+def test_console_script_is_installed():
+    result = subprocess.run([sys.executable, "-m", "aurora_fx.cli", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "sites" in result.stdout and "export" in result.stdout
+
+
+def test_train_summary_is_json(bbc_folder, tmp_path, capsys):
+    assert main(["train", "minilm", str(bbc_folder), "--method", "lora", "--steps", "2", "--max-length", "32",
+                 "--test-size", "10", "--out", str(tmp_path), "--quiet"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(summary) == {"accuracy_before", "accuracy_after", "train_seconds", "checkpoint"}
