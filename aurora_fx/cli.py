@@ -63,8 +63,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(aurora_fx.inspect(model).table())
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, max_length=args.max_length,
                       seed=args.seed)
-    controller_step = _aroma_hook(model, args) if args.method == "aroma" else None
-    result = train_classifier(model, train_enc, cfg, progress=not args.quiet, on_step=controller_step)
+    optimizer = scheduler = on_step = controller = None
+    if args.method == "aroma":
+        from aurora_fx.aroma import AromaController, AromaLR
+
+        optimizer = torch.optim.AdamW(aurora_fx.trainable_parameters(model), lr=args.lr)
+        scheduler = AromaLR(optimizer, max_steps=args.steps, first_warmup=max(1, args.steps // 20))
+        controller = AromaController(model, optimizer, scheduler, max_inner_steps=max(10, args.steps // 4))
+        on_step = lambda step, loss: controller.step()  # noqa: E731
+    result = train_classifier(model, train_enc, cfg, progress=not args.quiet, on_step=on_step,
+                              optimizer=optimizer, scheduler=scheduler)
+    if controller is not None:
+        controller.finalize()
+        print(f"AROMA ranks: {controller.ranks()}")
     after = evaluate(model, test_enc, progress=not args.quiet)
     path = aurora_fx.save_adapters(model, Path(args.out) / "adapters.safetensors", extra={
         "base_model": args.model, "num_labels": len(data.label_names), "labels": list(data.label_names),
@@ -73,12 +84,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
                "train_seconds": round(result.seconds, 1), "checkpoint": str(path)}
     print(json.dumps(summary))
     return 0
-
-
-def _aroma_hook(model, args):
-    from aurora_fx.aroma import attach_to_training
-
-    return attach_to_training(model)
 
 
 def _rebuild(checkpoint: str, model_spec: str | None):

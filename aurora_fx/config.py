@@ -138,14 +138,16 @@ class AromaConfig(AdapterConfig):
         rank: Width r of each piece (1 in the paper's main runs).
         alpha: α; the scale is α/r.
         dropout: Dropout on the active piece's input (0.1 in the official code).
-        merge_into_base: If True, merged pieces are added to W in place (a full checkpoint, not
-            a detachable adapter). Default False: merged pieces are kept as frozen factors U, V.
+
+    Merged pieces are kept as frozen low-rank factors ``U``, ``V`` beside the base weight
+    (METHODS §3.3 default), so the grown adapter stays small, detachable and saveable, and
+    ``unload`` gives the exact base back; ``aurora_fx.merge`` folds everything into W exactly
+    at the end. Folding each piece into W during training (the official code) is not offered.
     """
 
     rank: int = 1
     alpha: float = 4.0
     dropout: float = 0.1
-    merge_into_base: bool = False
     method: ClassVar[str] = "aroma"
 
 

@@ -24,7 +24,7 @@ def adapter_modules(model: nn.Module) -> list[tuple[str, str, nn.Module]]:
 
 def _rank(adapter: nn.Module) -> int:
     if isinstance(adapter, AromaAdapter):
-        return adapter.merged_rank + (adapter.config.rank if adapter.A.requires_grad else 0)
+        return adapter.merged_rank + (0 if adapter.frozen else adapter.config.rank)
     return adapter.config.rank
 
 

@@ -173,16 +173,27 @@ class AromaAdapter(_AdapterBase):
         return merged + AF.lora_delta_weight(self.A.to(dt), self.B.to(dt), self.scale)
 
     @torch.no_grad()
-    def merge_active(self) -> None:
+    def merge_active(self, generator: torch.Generator | None = None) -> None:
         """Append ``s·B`` to U and A to V (exact), then restart the piece: A Kaiming, B zero."""
         self.U = torch.cat([self.U, (self.B * self.scale).to(self.U.dtype)], dim=1)
         self.V = torch.cat([self.V, self.A.to(self.V.dtype)], dim=0)
-        self.reset_active()
+        self.reset_active(generator)
 
     @torch.no_grad()
-    def reset_active(self) -> None:
-        """Re-initialise the active piece in place (same Parameter objects)."""
-        _kaiming_uniform(self.A)
+    def freeze(self, keep_active: bool = False) -> None:
+        """Stop this site: merge the active piece if ``keep_active``, else discard it (B = 0)."""
+        if keep_active:
+            self.merge_active()
+        self.B.zero_()
+        for p in (self.A, self.B):
+            p.requires_grad_(False)
+            p.grad = None
+        self._frozen = True
+
+    @torch.no_grad()
+    def reset_active(self, generator: torch.Generator | None = None) -> None:
+        """Re-initialise the active piece in place (same Parameter objects); seeded if given."""
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5), generator=generator)
         self.B.zero_()
         for p in (self.A, self.B):
             p.grad = None

@@ -1,0 +1,432 @@
+"""AROMA's controller: grow each site's update one rank-r piece at a time (METHODS §3).
+
+Usage (plain PyTorch)::
+
+    aurora_fx.apply(model, "query|key|value|dense", method="aroma")
+    optimizer = torch.optim.AdamW(aurora_fx.trainable_parameters(model), lr=1e-4)
+    scheduler = AromaLR(optimizer, max_steps=T)               # optional; re-warmed at each merge
+    controller = AromaController(model, optimizer, scheduler)
+    for batch in data:
+        loss(model, batch).backward(); optimizer.step(); scheduler.step(); optimizer.zero_grad()
+        controller.step()                                     # once per optimizer step, after it
+        if controller.done: break
+    controller.finalize()                                     # end of budget: keep active pieces
+
+The rules (inner/outer loops, Gram-trace norms, seeded 99.9% moment reset, re-warm, identical
+decisions on every DDP rank) follow METHODS §3.2–3.6, not the official code's defects
+(§3.8): the controller runs *after* ``optimizer.step()``, always merges, keeps a clean
+snapshot, never materialises an m×n product, and logs one line per outer step.
+
+HF ``Trainer`` users add one line: ``trainer.add_callback(AromaCallback())``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from aurora_fx import functional as AF
+from aurora_fx.inventory import adapter_modules
+from aurora_fx.modules import AromaAdapter
+from aurora_fx.owners import iter_owners
+from aurora_fx.tracing import owner_state
+
+__all__ = ["AromaController", "AromaLR", "AromaCallback", "SiteRank", "OuterStep"]
+
+logger = logging.getLogger("aurora_fx.aroma")
+
+
+class AromaLR(torch.optim.lr_scheduler.LambdaLR):
+    """METHODS §3.5 default: warm-up, cosine decay to ``min_lr_ratio``, linear re-warm after merges.
+
+    ``lr(t) = base · min(1, t/first_warmup) · cos_decay(t) · min(1, (t - t_merge)/rewarm)``.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, max_steps: int, first_warmup: int = 100,
+                 rewarm_steps: int = 50, min_lr_ratio: float = 0.1) -> None:
+        self.max_steps, self.first_warmup, self.rewarm_steps = max_steps, first_warmup, rewarm_steps
+        self.min_lr_ratio = min_lr_ratio
+        self.last_merge: int | None = None
+        super().__init__(optimizer, self._factor)
+
+    def _factor(self, t: int) -> float:
+        warm = min(1.0, (t + 1) / max(1, self.first_warmup))
+        progress = min(1.0, t / max(1, self.max_steps))
+        cosine = self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        rewarm = 1.0 if self.last_merge is None else min(1.0, (t - self.last_merge + 1) / max(1, self.rewarm_steps))
+        return warm * cosine * rewarm
+
+    def rewarm(self) -> None:
+        """Restart the linear re-warm from the current step (called by the controller at a merge)."""
+        self.last_merge = self.last_epoch
+        for group, lr in zip(self.optimizer.param_groups, self.get_lr()):
+            group["lr"] = lr
+
+
+class _Rewarm:
+    """Linear LR re-warm after a merge for any optimizer, with or without a scheduler.
+
+    Each step it scales the groups' current learning rate by ``min(1, k/steps)``. The value it
+    wrote last is remembered: if nobody changed it (no scheduler), the underlying rate is the
+    one saved at the merge; if a closed-form scheduler (``LambdaLR``, HF schedules) wrote a new
+    one, that becomes the underlying rate.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, steps: int) -> None:
+        self.optimizer, self.steps = optimizer, steps
+        self.k = 0
+        self.underlying: list[float] = []
+        self.written: list[float] | None = None
+
+    def start(self) -> None:
+        """A merge happened: ramp from 1/steps of the rate back to the full rate."""
+        if self.steps <= 1:
+            return
+        if self.written is None:  # not already ramping: the current rates are the underlying ones
+            self.underlying = [g["lr"] for g in self.optimizer.param_groups]
+        self.k = 1
+        self._write()
+
+    def step(self) -> None:
+        """Advance the ramp by one optimizer step."""
+        if self.written is None:
+            return
+        for i, group in enumerate(self.optimizer.param_groups):
+            if group["lr"] != self.written[i]:  # a scheduler set a fresh rate
+                self.underlying[i] = group["lr"]
+        self.k += 1
+        self._write()
+
+    def _write(self) -> None:
+        factor = min(1.0, self.k / self.steps)
+        for group, lr in zip(self.optimizer.param_groups, self.underlying):
+            group["lr"] = lr * factor
+        self.written = None if factor >= 1.0 else [g["lr"] for g in self.optimizer.param_groups]
+
+
+@dataclass
+class _Track:
+    """Controller state of one site (internal, mutable)."""
+
+    path: str
+    adapter: AromaAdapter
+    weight: torch.Tensor
+    layout: str
+    wnorm2: float
+    snap: tuple[torch.Tensor, torch.Tensor] | None = None
+    stabilized: bool = False
+    converged: bool = False
+    merges: int = 0
+    hist: list[float] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class SiteRank:
+    """Rank bookkeeping of one site: merged pieces, and whether its active piece still counts."""
+
+    path: str
+    merged: int
+    active: bool
+    converged: bool
+
+    @property
+    def rank(self) -> int:
+        """Merged pieces plus the active one (if not converged)."""
+        return self.merged + int(self.active)
+
+
+@dataclass(frozen=True)
+class OuterStep:
+    """One line of history per outer step."""
+
+    outer: int
+    step: int
+    merged: tuple[str, ...]
+    converged: tuple[str, ...]
+    trainable_params: int
+
+
+def _world() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _agree(values: torch.Tensor) -> torch.Tensor:
+    """The same values on every rank (rank 0's), so all ranks decide alike (METHODS §3.6)."""
+    if _world() > 1:
+        torch.distributed.broadcast(values, src=0)
+    return values
+
+
+class AromaController:
+    """Drives AROMA's inner and outer loops; call ``step()`` once after each ``optimizer.step()``.
+
+    Args:
+        model: A model with AROMA adapters (``apply(..., method="aroma")``).
+        optimizer: The optimizer holding their parameters (Adam-family moments are reset).
+        scheduler: ``AromaLR`` (re-warmed through its ``rewarm()``), or any closed-form scheduler
+            (``LambdaLR``, HF schedules) or None: then the controller itself ramps the learning
+            rate linearly over ``rewarm_steps`` after each merge. Chainable schedulers that multiply
+            the current rate (``StepLR``, ``ExponentialLR``) would compound that ramp: avoid them.
+        inner_check_every: ΔT_in, steps between inner checks (10).
+        inner_threshold: ε_in for ``‖P_t − P_{t−ΔT}‖_F / ‖P_{t−ΔT}‖_F`` (0.1).
+        max_inner_steps: T_in, the inner loop's cap (1000).
+        outer_threshold: ε_out for ``s·‖b a‖_F / ‖W_eff‖_F`` (5e-3).
+        window: Outer ratios averaged (1).
+        patience: Outer steps with every site converged before ``done`` (1).
+        prune_ratio: Share of optimizer moments zeroed at random at each merge (0.999).
+        rewarm_steps: Linear LR re-warm after a merge (50) when the scheduler is not ``AromaLR``.
+        exact_reset: Zero all moments instead of the random 99.9%.
+        seed: Seeds re-initialisation and reset masks (identical on every rank).
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler=None, *,
+                 inner_check_every: int = 10, inner_threshold: float = 0.1, max_inner_steps: int = 1000,
+                 outer_threshold: float = 5e-3, window: int = 1, patience: int = 1, prune_ratio: float = 0.999,
+                 rewarm_steps: int = 50, exact_reset: bool = False, seed: int = 0) -> None:
+        self._check_args(inner_check_every, max_inner_steps, window, patience, prune_ratio)
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.inner_check_every, self.inner_threshold = inner_check_every, inner_threshold
+        self.max_inner_steps, self.outer_threshold = max_inner_steps, outer_threshold
+        self.window, self.patience, self.prune_ratio = window, patience, prune_ratio
+        self.exact_reset, self.seed = exact_reset, seed
+        self._rewarm = None if callable(getattr(scheduler, "rewarm", None)) else _Rewarm(optimizer, rewarm_steps)
+        self.tracks = self._collect(model)
+        self._check_optimizer(optimizer)
+        self.since = self.outer = self.all_converged = self.steps = 0
+        self._last_opt_step: float | None = None
+        self.history: list[OuterStep] = []
+
+    @staticmethod
+    def _check_args(check_every, max_inner, window, patience, prune_ratio) -> None:
+        for name, value in (("inner_check_every", check_every), ("max_inner_steps", max_inner),
+                            ("window", window), ("patience", patience)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not 0.0 <= prune_ratio <= 1.0:
+            raise ValueError(f"prune_ratio must be in [0, 1], got {prune_ratio!r}; the paper uses 0.999")
+
+    @staticmethod
+    def _collect(model: nn.Module) -> list[_Track]:
+        weights = {b.site: (gm._parameters[b.param], b.layout) for _, gm in iter_owners(model)
+                   for b in owner_state(gm).bindings}
+        tracks = []
+        for site, _, adapter in adapter_modules(model):
+            if isinstance(adapter, AromaAdapter):
+                weight, layout = weights[site]
+                tracks.append(_Track(site, adapter, weight, layout, _weff_norm2(adapter, weight, layout),
+                                     converged=adapter.frozen, merges=adapter.merged_rank // adapter.config.rank))
+        if not tracks:
+            raise ValueError("AromaController needs AROMA adapters, and this model has none; call "
+                             "aurora_fx.apply(model, pattern, method='aroma') first")
+        return tracks
+
+    def _check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        missing = [t.path for t in self.tracks if not t.converged and id(t.adapter.A) not in held]
+        if missing:
+            raise ValueError(f"the optimizer does not hold the AROMA parameters of {missing[:3]} ...; build it from "
+                             f"aurora_fx.trainable_parameters(model) after apply()")
+
+    # -- the per-step entry point ------------------------------------------------------------
+    def step(self) -> None:
+        """Advance the controller by one optimizer step (METHODS §3.2 ``on_step_end``)."""
+        self._check_called_after_optimizer_step()
+        if self.done:
+            return
+        self.steps += 1
+        self.since += 1
+        if self._rewarm is not None:
+            self._rewarm.step()
+        if self.since % self.inner_check_every == 0:
+            self._inner_check()
+        if all(t.stabilized or t.converged for t in self.tracks) or self.since >= self.max_inner_steps:
+            self._outer_step()
+            self.since = 0
+
+    def _check_called_after_optimizer_step(self) -> None:
+        active = next((t.adapter.A for t in self.tracks if not t.converged), None)
+        state = self.optimizer.state.get(active, {}) if active is not None else {"step": -1}
+        if not state:
+            raise RuntimeError("AromaController.step() was called before any optimizer.step(); call it once after "
+                               "each optimizer.step() (and after lr_scheduler.step())")
+        current = float(state.get("step", -1))
+        if self._last_opt_step is not None and current == self._last_opt_step and current >= 0:
+            raise RuntimeError("AromaController.step() was called twice without an optimizer.step() in between; "
+                               "call it exactly once per optimizer step")
+        self._last_opt_step = current
+
+    def _inner_check(self) -> None:
+        open_tracks = [t for t in self.tracks if not (t.converged or t.stabilized)]
+        rel = torch.full((len(open_tracks),), math.inf, dtype=torch.float64)
+        for i, t in enumerate(open_tracks):  # visit every site; never short-circuit
+            A, B = t.adapter.A.detach(), t.adapter.B.detach()
+            if t.snap is not None:
+                denom = AF.lowrank_norm2(t.snap[1], t.snap[0]).sqrt()
+                if denom > 0:
+                    rel[i] = AF.lowrank_diff_norm2(B, A, t.snap[1], t.snap[0]).sqrt() / denom
+            t.snap = (A.clone(), B.clone())
+        rel = _agree(rel)
+        for t, r in zip(open_tracks, rel.tolist()):
+            t.stabilized = r < self.inner_threshold
+
+    # -- outer step ---------------------------------------------------------------------------
+    def _outer_step(self) -> None:
+        self.outer += 1
+        ratios = _agree(torch.tensor([self._outer_ratio(t) for t in self.tracks], dtype=torch.float64))
+        merged, converged = [], []
+        gen = torch.Generator().manual_seed(hash((self.seed, self.outer)) % (2**62))
+        for t, ratio in zip(self.tracks, ratios.tolist()):
+            if t.converged:
+                continue
+            if t.merges >= 1:  # the first piece is always merged
+                t.hist = (t.hist + [ratio])[-self.window:]
+                if len(t.hist) == self.window and sum(t.hist) / self.window < self.outer_threshold:
+                    self._converge(t)
+                    converged.append(t.path)
+                    continue
+            self._merge(t, gen)
+            merged.append(t.path)
+        self._reset_moments(gen)
+        if self._rewarm is None:
+            self.scheduler.rewarm()
+        elif merged:
+            self._rewarm.start()
+        self.all_converged = self.all_converged + 1 if all(t.converged for t in self.tracks) else 0
+        self._log(merged, converged)
+
+    def _outer_ratio(self, t: _Track) -> float:
+        if t.converged:
+            return 0.0
+        s = t.adapter.scale
+        return s * AF.lowrank_norm2(t.adapter.B, t.adapter.A).sqrt().item() / math.sqrt(max(t.wnorm2, 1e-300))
+
+    def _merge(self, t: _Track, gen: torch.Generator) -> None:
+        a = t.adapter
+        t.wnorm2 = _weff_norm2_after_merge(t.wnorm2, a, t.weight, t.layout)
+        a.merge_active(gen)
+        t.merges += 1
+        t.snap, t.stabilized = None, False
+
+    def _converge(self, t: _Track) -> None:
+        t.adapter.freeze(keep_active=False)  # the last piece is discarded, not merged
+        for p in (t.adapter.A, t.adapter.B):
+            self.optimizer.state.pop(p, None)
+        t.converged, t.snap = True, None
+
+    @torch.no_grad()
+    def _reset_moments(self, gen: torch.Generator) -> None:
+        """Zero ``prune_ratio`` of Adam's moments of the active pieces (seeded masks); keep ``step``."""
+        for t in self.tracks:
+            if t.converged:
+                continue
+            for p in (t.adapter.A, t.adapter.B):
+                state = self.optimizer.state.get(p, {})
+                for key in ("exp_avg", "exp_avg_sq", "momentum_buffer", "max_exp_avg_sq"):
+                    buf = state.get(key)
+                    if torch.is_tensor(buf):
+                        if self.exact_reset:
+                            buf.zero_()
+                        else:
+                            keep = torch.rand(buf.shape, generator=gen) >= self.prune_ratio
+                            buf.mul_(keep.to(device=buf.device, dtype=buf.dtype))
+
+    def _log(self, merged: list[str], converged: list[str]) -> None:
+        trainable = sum(p.numel() for t in self.tracks for p in (t.adapter.A, t.adapter.B) if p.requires_grad)
+        self.history.append(OuterStep(self.outer, self.steps, tuple(merged), tuple(converged), trainable))
+        ranks = [r.rank for r in self.site_ranks()]
+        logger.info("AROMA outer %d @ step %d: merged %d, newly converged %d, converged %d/%d; rank min/mean/max "
+                    "%d/%.2f/%d; trainable %d", self.outer, self.steps, len(merged), len(converged),
+                    sum(t.converged for t in self.tracks), len(self.tracks), min(ranks), sum(ranks) / len(ranks),
+                    max(ranks), trainable)
+
+    # -- results ------------------------------------------------------------------------------
+    @property
+    def done(self) -> bool:
+        """True once every site has converged for ``patience`` outer steps."""
+        return self.all_converged >= self.patience
+
+    def site_ranks(self) -> list[SiteRank]:
+        """Per site: merged pieces, whether the active piece is still live, convergence."""
+        r = self.tracks[0].adapter.config.rank
+        return [SiteRank(t.path, t.adapter.merged_rank // r, not t.adapter.frozen, t.converged) for t in self.tracks]
+
+    def ranks(self) -> dict[str, int]:
+        """Site path → rank in pieces (merged, plus the active piece while it trains)."""
+        return {s.path: s.rank for s in self.site_ranks()}
+
+    def trainable_params(self) -> int:
+        """Adapter parameters that still train."""
+        return sum(p.numel() for t in self.tracks for p in (t.adapter.A, t.adapter.B) if p.requires_grad)
+
+    def finalize(self) -> None:
+        """End of budget: non-converged sites keep their active piece (merged), then all freeze."""
+        for t in self.tracks:
+            if not t.converged:
+                t.adapter.freeze(keep_active=True)
+                for p in (t.adapter.A, t.adapter.B):
+                    self.optimizer.state.pop(p, None)
+                t.converged = True
+        self.all_converged = self.patience
+
+
+def _apply_weight(weight: torch.Tensor, layout: str, a: torch.Tensor) -> torch.Tensor:
+    """``W0·aᵀ`` (m×r) for weights stored ``out_in`` or ``in_out``: a matrix-vector product."""
+    w = weight.detach()
+    a = a.to(w.dtype)  # multiply in the weight's dtype: no m×n float64 copy of W
+    return (w @ a.t() if layout == "out_in" else (a @ w).t()).double()
+
+
+def _weff_norm2(adapter: AromaAdapter, weight: torch.Tensor, layout: str) -> float:
+    """``‖W0 + U·V‖²_F`` once at start (``‖W0‖²`` plus Gram traces; U·V never formed)."""
+    w2 = torch.linalg.vector_norm(weight.detach(), dtype=torch.float64).item() ** 2
+    if adapter.merged_rank == 0:
+        return w2
+    U, V = adapter.U.double(), adapter.V.double()
+    cross = torch.trace(U.t() @ _apply_weight(weight, layout, V)).item()
+    return w2 + 2 * cross + AF.lowrank_norm2(U, V).item()
+
+
+def _weff_norm2_after_merge(wnorm2: float, adapter: AromaAdapter, weight: torch.Tensor, layout: str) -> float:
+    """``‖W_eff + s·b·a‖² = ‖W_eff‖² + 2s·tr(bᵀ·W_eff·aᵀ) + ‖s·b·a‖²`` (METHODS §3.4)."""
+    s, a, b = adapter.scale, adapter.A.detach().double(), adapter.B.detach().double()
+    weff_at = _apply_weight(weight, layout, a) + adapter.U.double() @ (adapter.V.double() @ a.t())  # (m, r)
+    return wnorm2 + 2 * s * torch.trace(b.t() @ weff_at).item() + s * s * AF.lowrank_norm2(b, a).item()
+
+
+def _trainer_callback_base():
+    from transformers import TrainerCallback
+
+    return TrainerCallback
+
+
+class AromaCallback(_trainer_callback_base()):
+    """HF ``Trainer`` callback: builds the controller at train start, steps it, stops when done.
+
+    ``trainer.add_callback(AromaCallback(inner_check_every=10, ...))``; keyword arguments go to
+    ``AromaController``. The Trainer's own (closed-form) LR schedule is re-warmed after merges by
+    the controller. ``converged_early`` tells whether AROMA stopped training by itself.
+    At the end of training, ``finalize()`` keeps the active pieces of unconverged sites.
+    """
+
+    def __init__(self, **controller_kwargs) -> None:
+        self.controller_kwargs = controller_kwargs
+        self.controller: AromaController | None = None
+        self.converged_early = False
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.controller = AromaController(model, optimizer, None, **self.controller_kwargs)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.controller.step()
+        if self.controller.done:
+            self.converged_early = True
+            control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.controller is not None:
+            self.controller.finalize()

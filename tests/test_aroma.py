@@ -1,0 +1,233 @@
+"""AromaController on scripted toy problems with hand-checked answers (METHODS §3.2)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import aurora_fx
+from aurora_fx.aroma import AromaController, AromaLR
+from aurora_fx.modules import AromaAdapter
+
+D_IN, D_OUT = 48, 64
+
+
+def _toy(rank=1, **apply_kwargs):
+    model = nn.Sequential(nn.Linear(D_IN, D_OUT))
+    aurora_fx.apply(model, "0", method="aroma", rank=rank, dropout=0.0, **apply_kwargs)
+    return model, model[0].adapter
+
+
+def _frozen_step(model, optimizer):
+    """An optimizer step with lr 0: Adam state exists, parameters do not move."""
+    model(torch.randn(4, D_IN)).sum().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def _controller(model, **kwargs):
+    optimizer = torch.optim.Adam(aurora_fx.trainable_parameters(model), lr=0.0)
+    return optimizer, AromaController(model, optimizer, **kwargs)
+
+
+def test_inner_loop_stops_by_threshold_and_the_first_piece_is_merged():
+    model, adapter = _toy()
+    with torch.no_grad():
+        adapter.B.normal_()
+    optimizer, ctl = _controller(model, inner_check_every=2, max_inner_steps=100)
+    piece_b, piece_a = adapter.B.detach().clone(), adapter.A.detach().clone()
+    for _ in range(3):  # check at step 2 only records a snapshot
+        _frozen_step(model, optimizer)
+        ctl.step()
+    assert ctl.outer == 0
+    _frozen_step(model, optimizer)
+    ctl.step()  # step 4: relative change 0 < 0.1 → stabilized → outer step → merge
+    assert ctl.outer == 1 and adapter.merged_rank == 1
+    torch.testing.assert_close(adapter.U, piece_b * adapter.scale)
+    torch.testing.assert_close(adapter.V, piece_a)
+    assert torch.equal(adapter.B, torch.zeros_like(adapter.B)) and not torch.equal(adapter.A, piece_a)
+
+
+def test_inner_loop_is_capped_by_max_inner_steps():
+    model, adapter = _toy()
+    optimizer, ctl = _controller(model, inner_check_every=1, max_inner_steps=5)
+    for step in range(1, 6):
+        with torch.no_grad():
+            adapter.B.normal_()  # keeps moving: never stabilizes
+        _frozen_step(model, optimizer)
+        ctl.step()
+        assert ctl.outer == (1 if step == 5 else 0)
+    assert adapter.merged_rank == 1
+
+
+def test_first_piece_is_merged_even_if_tiny():
+    model, adapter = _toy()
+    with torch.no_grad():
+        adapter.B.fill_(1e-12)
+    optimizer, ctl = _controller(model, inner_check_every=1, max_inner_steps=2, outer_threshold=0.5)
+    for _ in range(2):
+        _frozen_step(model, optimizer)
+        ctl.step()
+    assert ctl.outer == 1 and adapter.merged_rank == 1 and not ctl.done
+
+
+def test_outer_stop_discards_the_last_piece_and_finishes():
+    model, adapter = _toy()
+    with torch.no_grad():
+        adapter.B.normal_()
+    optimizer, ctl = _controller(model, inner_check_every=1, max_inner_steps=2, outer_threshold=1e-3)
+    for _ in range(2):
+        _frozen_step(model, optimizer)
+        ctl.step()
+    assert adapter.merged_rank == 1
+    with torch.no_grad():
+        adapter.B.fill_(1e-9)  # the second piece is negligible next to W_eff
+    for _ in range(2):
+        _frozen_step(model, optimizer)
+        ctl.step()
+    assert ctl.done and adapter.frozen and adapter.merged_rank == 1  # discarded, not merged
+    assert torch.equal(adapter.B, torch.zeros_like(adapter.B))
+    assert not adapter.A.requires_grad and ctl.trainable_params() == 0
+    assert ctl.ranks() == {"0": 1}
+    assert adapter.A not in optimizer.state
+
+
+def test_moments_are_reset_keeping_about_one_in_a_thousand_and_the_step():
+    model = nn.Sequential(nn.Linear(1000, 1000))
+    aurora_fx.apply(model, "0", method="aroma", rank=16, dropout=0.0)
+    adapter = model[0].adapter
+    optimizer = torch.optim.Adam(aurora_fx.trainable_parameters(model), lr=0.0)
+    ctl = AromaController(model, optimizer, inner_check_every=1, max_inner_steps=1)
+    model(torch.randn(2, 1000)).sum().backward()
+    optimizer.step()
+    for p in (adapter.A, adapter.B):
+        optimizer.state[p]["exp_avg"].fill_(1.0)
+        optimizer.state[p]["exp_avg_sq"].fill_(1.0)
+    ctl.step()  # outer step: merge + reset
+    kept = sum(int(optimizer.state[p]["exp_avg"].count_nonzero()) for p in (adapter.A, adapter.B))
+    total = adapter.A.numel() + adapter.B.numel()  # 32,000 entries
+    assert 0.0004 < kept / total < 0.0018, kept
+    assert float(optimizer.state[adapter.A]["step"]) == 1.0
+
+
+class _ShapeRecorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.numels = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {a.untyped_storage().data_ptr() for a in (*args, *(kwargs or {}).values()) if torch.is_tensor(a)}
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if torch.is_tensor(t) and t.untyped_storage().data_ptr() not in inputs:  # new memory only, not views
+                self.numels.append((func.__name__, tuple(t.shape), t.numel()))
+        return out
+
+
+def test_no_m_by_n_product_is_formed():
+    model, adapter = _toy(rank=2)
+    optimizer = torch.optim.Adam(aurora_fx.trainable_parameters(model), lr=1e-2)
+    ctl = AromaController(model, optimizer, inner_check_every=1, max_inner_steps=3, outer_threshold=1e-9)
+    recorder = _ShapeRecorder()
+    for _ in range(9):  # inner checks, three outer steps with merges
+        model(torch.randn(4, D_IN)).square().sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        with recorder:
+            ctl.step()
+    assert adapter.merged_rank == 6
+    biggest = max(recorder.numels, key=lambda r: r[2])
+    assert biggest[2] < D_IN * D_OUT, biggest  # largest tensor is U or V, never (m, n)
+
+
+def test_misuse_is_caught():
+    model, _ = _toy()
+    optimizer = torch.optim.Adam(aurora_fx.trainable_parameters(model), lr=1e-3)
+    ctl = AromaController(model, optimizer)
+    with pytest.raises(RuntimeError, match="before any optimizer.step"):
+        ctl.step()
+    _frozen_step(model, optimizer)
+    ctl.step()
+    with pytest.raises(RuntimeError, match="called twice without an optimizer.step"):
+        ctl.step()
+    with pytest.raises(ValueError, match="needs AROMA adapters"):
+        AromaController(aurora_fx.apply(nn.Sequential(nn.Linear(4, 4)), "0"), optimizer)
+    with pytest.raises(ValueError, match="optimizer does not hold the AROMA parameters"):
+        AromaController(model, torch.optim.Adam([nn.Parameter(torch.zeros(1))]))
+
+
+def test_aroma_lr_rewarms_after_a_merge():
+    model, _ = _toy()
+    optimizer = torch.optim.Adam(aurora_fx.trainable_parameters(model), lr=1.0)
+    scheduler = AromaLR(optimizer, max_steps=1000, first_warmup=10, rewarm_steps=20, min_lr_ratio=0.1)
+    for _ in range(50):
+        optimizer.step()
+        scheduler.step()
+    before = optimizer.param_groups[0]["lr"]
+    scheduler.rewarm()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(before / 20, rel=0.05)
+    for _ in range(19):
+        optimizer.step()
+        scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(before, rel=0.05)
+
+
+def test_generic_rewarm_ramps_the_rate_after_a_merge_without_a_scheduler():
+    model, adapter = _toy()
+    with torch.no_grad():
+        adapter.B.normal_()
+    optimizer = torch.optim.Adam(aurora_fx.trainable_parameters(model), lr=0.1)
+    ctl = AromaController(model, optimizer, inner_check_every=1, max_inner_steps=5, rewarm_steps=4)
+    seen = []
+    for _ in range(9):
+        _frozen_step(model, optimizer)
+        ctl.step()
+        seen.append(round(optimizer.param_groups[0]["lr"], 6))
+    assert seen == [0.1, 0.1, 0.1, 0.1, 0.025, 0.05, 0.075, 0.1, 0.1]  # merge at step 5, then a 4-step ramp
+
+
+def _teacher_problem(seed=0):
+    torch.manual_seed(seed)
+    base = nn.Sequential(nn.Linear(D_IN, D_OUT))
+    update = torch.randn(D_OUT, 3) @ torch.randn(3, D_IN) * 0.05  # the rank-3 update to learn
+    x = torch.randn(512, D_IN)
+    with torch.no_grad():
+        y = base(x) + x @ update.T
+    return base, x, y
+
+
+def test_training_grows_rank_and_the_model_is_base_plus_merged_pieces(tmp_path):
+    base, x, y = _teacher_problem()
+    model = copy.deepcopy(base)
+    aurora_fx.apply(model, "0", method="aroma", rank=1, alpha=1.0, dropout=0.0)
+    optimizer = torch.optim.Adam(aurora_fx.trainable_parameters(model), lr=3e-2)
+    ctl = AromaController(model, optimizer, inner_check_every=5, inner_threshold=0.02, max_inner_steps=60,
+                          outer_threshold=0.02)
+    for _ in range(2000):
+        loss = nn.functional.mse_loss(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        ctl.step()
+        if ctl.done:
+            break
+    ctl.finalize()
+    adapter = model[0].adapter
+    assert ctl.done and 2 <= adapter.merged_rank <= 6 and ctl.trainable_params() == 0
+    assert loss.item() < 0.02 * nn.functional.mse_loss(base(x), y).item()
+    with torch.no_grad():
+        ours = model(x)
+        manual = base(x) + x @ (adapter.U @ adapter.V).T
+        path = aurora_fx.save_adapters(model, tmp_path / "aroma.safetensors")
+        reloaded = aurora_fx.load_adapters(copy.deepcopy(base), path)
+        merged = aurora_fx.merge(copy.deepcopy(model))
+    assert (ours - manual).abs().max() <= 1e-5
+    assert (ours - reloaded(x)).abs().max() <= 1e-5 and isinstance(reloaded[0].adapter, AromaAdapter)
+    assert reloaded[0].adapter.frozen and reloaded[0].adapter.merged_rank == adapter.merged_rank
+    assert (ours - merged(x)).abs().max() <= 1e-5
+    assert aurora_fx.adapters(reloaded)[0].rank == adapter.merged_rank
+    assert torch.equal(aurora_fx.unload(model)(x), base(x))
