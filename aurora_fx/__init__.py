@@ -12,6 +12,7 @@ from aurora_fx.checkpoint import load_adapters, save_adapters
 from aurora_fx.config import AromaConfig, AuroraConfig, LoraConfig
 from aurora_fx.inventory import adapters, trainable_parameters
 from aurora_fx.passes.match import find_sites as sites
+from aurora_fx.peft_import import load_peft_lora
 from aurora_fx.records import AdapterInfo, Site, SiteTable
 from aurora_fx.report import AdapterReport, inspect
 from aurora_fx.surgery import apply, disable_adapters, merge, unload
@@ -28,6 +29,7 @@ __all__ = [
     "unload",
     "save_adapters",
     "load_adapters",
+    "load_peft_lora",
     "inspect",
     "AdapterReport",
     "export",

@@ -63,13 +63,15 @@ class AdapterReport:
         """The owner graph of ``site`` as a DiGraph: one node per fx node, edges along data flow.
 
         Node attributes: ``op``, ``target``, ``role`` (``base``, ``adapter``, ``fused``, ``sum``,
-        ``input``, ``output`` or ``other``) and ``adapter`` (the adapter attribute or None).
+        ``input``, ``output`` or ``other``), ``adapter`` (the adapter attribute or None) and
+        ``data_input`` (the node's first argument, if a node).
         """
         self.code(site)
         graph = nx.DiGraph(site=site)
         for node in self.owner_graphs[site].nodes:
+            first = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
             graph.add_node(node.name, op=node.op, target=_target_name(node), role=node_role(node),
-                           adapter=node.meta.get(ADAPTER_TAG))
+                           adapter=node.meta.get(ADAPTER_TAG), data_input=first.name if first else None)
             for src in node.all_input_nodes:
                 graph.add_edge(src.name, node.name)
         return graph

@@ -1,0 +1,123 @@
+"""AROMA on real MiniLM-L6 weights and BBC News, against LoRA r=8 on the same split and budget.
+
+AROMA (rank-1 pieces on q, k, v, o, ffn-in, ffn-out: 41,472 initial trainable adapter
+parameters) grows each layer's rank with ``AromaController``; LoRA r=8 on q, v (73,728) is the
+baseline. Both also train the new 5-way head. Prints held-out accuracy, the rank per layer and
+the trainable-parameter curve, and saves a PNG of rank growth.
+
+    python examples/aroma_bbc.py --steps 300 --out out/aroma_bbc
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+import aurora_fx
+from aurora_fx.aroma import AromaController, AromaLR
+from aurora_fx.data import load_bbc, split
+from aurora_fx.train import TrainConfig, encode, evaluate, make_scheduler, train_classifier
+from aurora_fx.zoo import load_model
+
+AROMA_PATTERN = r"attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|layer\.\d+\.output\.dense"
+
+
+def run(method: str, args, train_enc, test_enc, tokenizer_free_model_factory):
+    torch.manual_seed(args.seed)
+    model = tokenizer_free_model_factory()
+    if method == "aroma":
+        aurora_fx.apply(model, AROMA_PATTERN, method="aroma", rank=1, alpha=4.0, trainable_modules="classifier")
+    else:
+        aurora_fx.apply(model, "query|value", method="lora", rank=8, alpha=16.0, trainable_modules="classifier")
+    adapter_params = sum(a.trainable_params for a in aurora_fx.adapters(model))
+    cfg = TrainConfig(steps=args.steps, lr=args.lr, max_length=args.max_length, seed=args.seed)
+    optimizer = torch.optim.AdamW(aurora_fx.trainable_parameters(model), lr=args.lr)
+    curve, controller = [], None
+    if method == "aroma":
+        scheduler = AromaLR(optimizer, max_steps=args.steps, first_warmup=args.steps // 15, rewarm_steps=10)
+        controller = AromaController(model, optimizer, scheduler, inner_check_every=10, max_inner_steps=args.t_in,
+                                     outer_threshold=args.eps_out)
+
+        def on_step(step, loss):
+            controller.step()
+            curve.append((step + 1, controller.trainable_params(), dict(controller.ranks())))
+    else:
+        scheduler = make_scheduler(optimizer, args.steps, 0.06)
+        on_step = None
+    result = train_classifier(model, train_enc, cfg, optimizer=optimizer, scheduler=scheduler, on_step=on_step)
+    if controller is not None:
+        controller.finalize()
+    accuracy = evaluate(model, test_enc)
+    return {"method": method, "accuracy": accuracy, "initial_trainable_adapter_params": adapter_params,
+            "seconds": result.seconds, "curve": curve,
+            "ranks": controller.ranks() if controller else None,
+            "stored_adapter_params": sum(a.num_params for a in aurora_fx.adapters(model))}
+
+
+def plot(curve, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [c[0] for c in curve]
+    sites = list(curve[-1][2])
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
+    for site in sites:
+        short = site.replace("bert.encoder.layer.", "L").replace("attention.self.", "").replace("attention.output.",
+                                                                                                 "attn_out.")
+        ax1.plot(steps, [c[2][site] for c in curve], label=short, lw=1)
+    ax1.set_ylabel("rank (pieces)")
+    ax1.set_title("AROMA rank growth per layer (MiniLM-L6, BBC News)")
+    ax1.legend(fontsize=6, ncol=4)
+    ax2.plot(steps, [c[1] for c in curve])
+    ax2.set_ylabel("trainable adapter params")
+    ax2.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--t-in", type=int, default=50, help="AROMA inner-loop cap T_in")
+    parser.add_argument("--eps-out", type=float, default=5e-3)
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--test-size", type=int, default=400)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="out/aroma_bbc")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = load_bbc()
+    train, test = split(data, args.test_size, seed=args.seed)
+    loaded = load_model("minilm", num_labels=5)
+    train_enc, test_enc = encode(loaded.tokenizer, train, args.max_length), encode(loaded.tokenizer, test,
+                                                                                  args.max_length)
+    factory = lambda: load_model("minilm", num_labels=5).model  # noqa: E731
+    results = [run(m, args, train_enc, test_enc, factory) for m in ("aroma", "lora")]
+    aroma, lora = results
+    print("\nrank per layer (AROMA):")
+    for site, rank in aroma["ranks"].items():
+        print(f"  {site:55s} {rank}")
+    print("\ntrainable adapter parameters over training (AROMA):")
+    for step, params, _ in aroma["curve"][:: max(1, len(aroma["curve"]) // 12)] + [aroma["curve"][-1]]:
+        print(f"  step {step:5d}: {params:,}")
+    print(f"\nheld-out accuracy (n={len(test)}): AROMA {aroma['accuracy']:.3f} "
+          f"(initial trainable adapter params {aroma['initial_trainable_adapter_params']:,}, stored at the end "
+          f"{aroma['stored_adapter_params']:,}) vs LoRA r=8 {lora['accuracy']:.3f} "
+          f"({lora['initial_trainable_adapter_params']:,})")
+    plot(aroma["curve"], out / "aroma_rank_growth.png")
+    (out / "aroma_bbc.json").write_text(json.dumps({k: {kk: vv for kk, vv in r.items() if kk != "curve"}
+                                                    for k, r in zip(("aroma", "lora"), results)}, indent=2))
+    print(f"wrote {out / 'aroma_rank_growth.png'} and {out / 'aroma_bbc.json'}")
+
+
+if __name__ == "__main__":
+    main()
