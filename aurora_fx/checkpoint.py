@@ -245,6 +245,11 @@ def _fill_adapter(adapter: nn.Module, site: str, ckpt: Checkpoint) -> None:
     missing = sorted(set(expected) - set(given))
     if missing:
         raise CheckpointError(f"checkpoint lacks tensor(s) {[prefix + m for m in missing]} for site {site!r}")
+    unexpected = sorted(set(given) - set(expected))
+    if unexpected:
+        raise CheckpointError(f"checkpoint has tensor(s) {[prefix + u for u in unexpected]} that a "
+                              f"{entry.config.method} adapter does not have; its site record and its tensors "
+                              f"disagree (the method in the record is wrong, or the file was edited)")
     with torch.no_grad():
         for name, target in expected.items():
             value = given[name]

@@ -63,4 +63,9 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     Example:
         >>> optimizer = torch.optim.AdamW(aurora_fx.trainable_parameters(model), lr=2e-3)
     """
-    return [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]
+    if any(p.is_meta for p in params):
+        raise ValueError("the model's trainable parameters are on the meta device (they hold no data), so they "
+                         "cannot be trained; load real weights first (model.to_empty(device='cpu') then "
+                         "load_state_dict, or from_pretrained without device='meta'), then call apply")
+    return params

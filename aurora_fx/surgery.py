@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -119,16 +120,18 @@ def apply(
     """
     config = make_config(method, rank, alpha, dropout, config)
     table = find_sites(model, pattern)
-    chosen = select_sites(table, pattern, config)
+    chosen = select_sites(table, pattern, config, model)
     trainable = resolve_trainable(model, trainable_modules)
     plans = plan_owners(model, [SiteRequest(site, config) for site in chosen], fuse)
     commit(model, plans, trainable)
     return model
 
 
-def select_sites(table: SiteTable, pattern: Pattern, config: AdapterConfig) -> list[Site]:
+def select_sites(table: SiteTable, pattern: Pattern, config: AdapterConfig, model: nn.Module | None = None) -> list[Site]:
     """The matched sites, or a ValueError that says what went wrong and what to do."""
     matched = table.matched
+    if model is not None:
+        _check_matched_modules(model, table, pattern, bool(matched))
     if not matched:
         raise ValueError(_nothing_matched(table, pattern))
     problems = [f"{s.path}: {s.reason}" for s in matched if s.reason]
@@ -142,6 +145,30 @@ def select_sites(table: SiteTable, pattern: Pattern, config: AdapterConfig) -> l
             + "\n  ".join(problems) + "\nNarrow the pattern (aurora_fx.sites(model, pattern) shows every match)."
         )
     return list(matched)
+
+
+def _is_quantized(module: nn.Module) -> bool:
+    name = f"{type(module).__module__}.{type(module).__name__}".lower()
+    return ".quantized" in name or "bitsandbytes" in name or "linear8bit" in name or "linear4bit" in name
+
+
+def _check_matched_modules(model: nn.Module, table: SiteTable, pattern: Pattern, any_site: bool) -> None:
+    """Refuse, with the reason, patterns that reach quantized or untraceable modules."""
+    predicate = compile_pattern(pattern)
+    quantized = [path for path, m in model.named_modules() if path and _is_quantized(m) and predicate(path, m)]
+    if quantized:
+        raise ValueError(f"pattern {_describe(pattern)} matches quantized module(s) {quantized[:5]}: integer or "
+                         f"quantized bases are not supported; dequantize them (or load the float model) first")
+    for u in table.untraceable:
+        owner = get_submodule(model, u.path)
+        names = [u.path] + [f"{u.path}.{p}" if u.path else p for p in u.params]
+        if any(predicate(n, owner) for n in names):
+            msg = (f"pattern {_describe(pattern)} reaches {u.path or '<root>'} ({u.module_type}), whose own forward "
+                   f"torch.fx cannot trace alone ({u.error}); a linear map on its parameters ({', '.join(u.params)}) "
+                   f"cannot be rewritten. Make that forward traceable, or target the nn.Linear children instead")
+            if not any_site:
+                raise ValueError(msg)
+            warnings.warn(msg + " (the other matched sites are adapted)", stacklevel=4)
 
 
 def _describe(pattern: Pattern) -> str:
@@ -175,6 +202,10 @@ def _plan_owner(model: nn.Module, path: str, requests: list[SiteRequest], fuse: 
     state = owner_state(current)
     graph = copy_graph(current.graph) if state is not None else owner_graph(current)
     adapters, bindings = {}, []
+    devices = {p.device for p in current.parameters(recurse=False)}
+    if len(devices) > 1:
+        raise ValueError(f"{path or '<root>'} has parameters on several devices ({', '.join(sorted(map(str, devices)))});"
+                         f" move the module to one device before aurora_fx.apply")
     for request in requests:
         site = request.site
         weight = current._parameters[site.param]

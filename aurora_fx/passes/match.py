@@ -14,6 +14,7 @@ decides itself (``module`` is the owner).
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import operator
@@ -69,7 +70,7 @@ def compile_pattern(pattern: Pattern) -> Callable[[str, nn.Module], bool]:
         return lambda path, module: False
     if callable(pattern):
         return lambda path, module: bool(pattern(path, module))
-    regexes = [pattern] if isinstance(pattern, str) else list(pattern)
+    regexes = [pattern] if isinstance(pattern, str) else list(pattern) if isinstance(pattern, (list, tuple)) else None
     if not regexes or not all(isinstance(p, str) for p in regexes):
         raise TypeError(
             f"pattern must be a regex string, a list of regex strings or a callable (path, module) -> bool, "
@@ -142,20 +143,40 @@ def linear_calls(graph: fx.Graph) -> list[LinearCall]:
 def owner_graph(module: nn.Module) -> fx.Graph:
     """The graph of ``module``'s own forward: its current graph if already rewritten, else traced.
 
-    Modules whose forward is not a stock one are traced in train and eval mode; a difference
-    raises ``TraceError`` because one static graph would be wrong in the other mode.
+    Stock forwards (Linear, Conv1D, LayerNorm, Embedding) come from a per-class cache. Other
+    modules are traced in train and eval mode; a difference raises ``TraceError`` because one
+    static graph would be wrong in the other mode.
     """
     if owner_state(module) is not None:
         return module.graph
+    if type(module).forward in _MODE_FREE_FORWARDS():
+        return copy.deepcopy(_stock_graph(module))
     graph = trace_owner(module)
-    if type(module).forward not in _MODE_FREE_FORWARDS():
+    module.training = not module.training  # a custom forward must not depend on the mode
+    try:
+        other = trace_owner(module)
+    finally:
         module.training = not module.training
-        try:
-            other = trace_owner(module)
-        finally:
-            module.training = not module.training
-        if other.python_code("self").src != graph.python_code("self").src:
-            raise TraceError("its forward branches on self.training, so one traced graph cannot serve both modes")
+    if other.python_code("self").src != graph.python_code("self").src:
+        raise TraceError("its forward branches on self.training, so one traced graph cannot serve both modes")
+    return graph
+
+
+_STOCK_GRAPHS: dict[tuple, fx.Graph] = {}
+
+
+def _stock_graph(module: nn.Module) -> fx.Graph:
+    """Traced graph of a stock forward (Linear, Conv1D, ...), cached per class and baked-in values.
+
+    The key holds which parameters exist (``bias=None`` changes the graph) and the plain
+    attributes the trace may bake in as constants (Conv1D's ``nf``).
+    """
+    plain = tuple(sorted((k, v) for k, v in vars(module).items()
+                         if not k.startswith("_") and isinstance(v, (int, float, str, bool, type(None)))))
+    key = (type(module), tuple(n for n, p in module._parameters.items() if p is not None), plain)
+    graph = _STOCK_GRAPHS.get(key)
+    if graph is None:
+        graph = _STOCK_GRAPHS[key] = trace_owner(module)
     return graph
 
 
