@@ -76,15 +76,19 @@ def aurora_delta_add(
     """``(base + scale·B·σ(A·x), A·x)``: the fused AuroRA adapter (see the module docstring)."""
     d_in, d_out, r = x.shape[-1], B.shape[0], A.shape[0]
     x2 = x.reshape(-1, d_in)  # (N, d_in)
-    z = x2 @ A.t()  # (N, r)
-    sigma = _anl_forward(z, H, Ws, grid_lo, grid_step)  # (N, r)
+    # Outputs are allocated in their final shapes and written with out=: returning a reshaped view
+    # would make the autograd wrapper clone the whole (N, d_out) output.
+    z = x.new_empty(*x.shape[:-1], r)
+    torch.mm(x2, A.t(), out=z.view(-1, r))  # (N, r)
+    sigma = _anl_forward(z.view(-1, r), H, Ws, grid_lo, grid_step)  # (N, r)
     base2 = base.reshape(-1, d_out)
-    up = (B * scale).t()  # (r, d_out), scale folded into the tiny factor
+    up = (B * scale).t().contiguous()  # (r, d_out), scale folded into the tiny factor
+    out = torch.empty_like(base, memory_format=torch.contiguous_format)
     if base2.dtype == sigma.dtype:
-        out = torch.addmm(base2, sigma, up)  # accumulate into the output in one GEMM
+        torch.addmm(base2, sigma, up, out=out.view(-1, d_out))  # accumulate into the output in one GEMM
     else:
-        out = base2 + (sigma @ up).to(base2.dtype)
-    return out.reshape(base.shape), z.reshape(*x.shape[:-1], r)
+        torch.add(base2, (sigma @ up).to(base2.dtype), out=out.view(-1, d_out))
+    return out, z
 
 
 @aurora_delta_add.register_fake
@@ -111,8 +115,10 @@ def _backward(ctx, grad_out: Tensor, grad_z: Tensor | None):
     table = _padded_spline_weights(Ws, w.dtype)
     gathered = table[idx]  # (N, r, 4, r)
     sigma = f + torch.einsum("nik,nikc->nc", w, gathered).to(z2.dtype)
-    g_sigma = (g @ B).to(z2.dtype) * scale  # (N, r)
-    grad_B = (g.t() @ sigma.to(g.dtype)) * scale if need[3] else None
+    # Skinny GEMMs are fast on CPU only in the "(N,d)·(d,r) with a transposed (r,d) operand" and
+    # "(r,N)·(N,d)" layouts (up to 8x faster than the naive forms), so the operands are arranged so.
+    g_sigma = (g @ B.t().contiguous().t()).to(z2.dtype) * scale  # (N, r)
+    grad_B = (sigma.to(g.dtype).t() @ g).t() * scale if need[3] else None  # (d_out, r)
     # Fixed branch: f = tanh(tanh(z)·Hᵀ).
     g_pre = g_sigma * (1 - f * f)
     grad_H = g_pre.t() @ a if need[4] else None
