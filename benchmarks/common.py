@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -15,14 +16,20 @@ import torch
 RESULTS = Path(__file__).parent / "results"
 
 
-def interleaved(variants: dict[str, Callable[[], None]], repeats: int, warmup: int = 2) -> dict[str, list[float]]:
-    """Run variants A B C A B C ... so drift on a shared machine hits all alike; seconds per run."""
+def interleaved(variants: dict[str, Callable[[], None]], repeats: int, warmup: int = 2,
+                seed: int = 0) -> dict[str, list[float]]:
+    """Run every variant once per round (A B C, C A B, ...) so drift on a shared machine hits all
+    alike; the order inside each round is shuffled (seeded) so no variant always runs first."""
+    rng = random.Random(seed)
     for _ in range(warmup):
         for fn in variants.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in variants}
+    names = list(variants)
     for _ in range(repeats):
-        for name, fn in variants.items():
+        rng.shuffle(names)
+        for name in names:
+            fn = variants[name]
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)

@@ -95,20 +95,28 @@ def output_names(outputs: Any) -> list[str]:
     return ["output"] if n == 1 else [f"output_{i}" for i in range(n)]
 
 
+def _dynamic_dims(t: Any) -> tuple[int, ...]:
+    """Axes exported as dynamic: batch always; the sequence axis for token inputs (2-D/3-D integer)
+    and for float ``(B, L, D)`` inputs. Float ``(B, F)`` features and images keep their other axes."""
+    if not torch.is_tensor(t) or t.dim() == 0:
+        return ()
+    if (t.dim() in (2, 3) and not t.is_floating_point()) or (t.dim() == 3 and t.is_floating_point()):
+        return (0, 1)
+    return (0,)
+
+
 def _dynamic_spec(args: tuple, kwargs: dict[str, Any]) -> tuple[Any, dict[str, tuple[str, ...]]]:
-    """Batch (dim 0) dynamic for every tensor; sequence (dim 1) too for 2-D/3-D inputs."""
-    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
+    """``dynamic_shapes`` for torch.export, and the dynamic axis names per keyword input."""
+    dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("seq")}
+    names = {0: "batch", 1: "seq"}
 
     def spec(t: Any) -> Any:
-        if not torch.is_tensor(t) or t.dim() == 0:
-            return None
-        return {0: batch, 1: seq} if t.dim() in (2, 3) else {0: batch}
+        return {d: dims[d] for d in _dynamic_dims(t)} or None
 
-    axes = {k: (("batch", "seq") if torch.is_tensor(v) and v.dim() in (2, 3) else ("batch",))
-            for k, v in kwargs.items() if torch.is_tensor(v) and v.dim() > 0}
+    axes = {k: tuple(names[d] for d in _dynamic_dims(v)) for k, v in kwargs.items() if _dynamic_dims(v)}
     if args:
-        return (tuple(spec(a) for a in args), {k: spec(v) for k, v in kwargs.items()}) if kwargs else \
-            tuple(spec(a) for a in args), axes
+        positional = tuple(spec(a) for a in args)
+        return ((positional, {k: spec(v) for k, v in kwargs.items()}) if kwargs else positional), axes
     return {k: spec(v) for k, v in kwargs.items()}, axes
 
 
@@ -171,11 +179,12 @@ def _numpy(value: Any) -> np.ndarray:
 
 def _reshaped(value: Any, name: str, dynamic: bool) -> Any:
     """A differently shaped input of the same kind: batch + 1 and, for sequences, length ± 3."""
-    if not torch.is_tensor(value) or value.dim() == 0 or not dynamic:
+    axes = _dynamic_dims(value)
+    if not axes or not dynamic:
         return value
     shape = list(value.shape)
     shape[0] += 1
-    if value.dim() in (2, 3):  # shorter when long (position limits), longer when short
+    if 1 in axes:  # shorter when long (position limits), longer when short
         shape[1] = shape[1] - 3 if shape[1] > 8 else shape[1] + 3
     if "mask" in name:
         return torch.ones(shape, dtype=value.dtype)
@@ -229,7 +238,8 @@ def to_onnx(
         example_inputs: Positional example inputs (e.g. ``(pixels,)`` for timm).
         example_kwargs: Keyword example inputs (HF: ``input_ids``, ``attention_mask``; decoders
             add ``use_cache=False``).
-        dynamic: Batch (and sequence, for 2-D/3-D inputs) axes dynamic.
+        dynamic: Batch axes dynamic, and sequence axes of token inputs (2-D/3-D integer) and of
+            float ``(B, L, D)`` inputs; other axes keep the example's size.
         verify: Run onnxruntime (CPU provider) on the example and on a second, differently
             shaped input; raise ``ExportVerificationError`` over ``atol``.
         merge: Export LoRA/AROMA merged into the base weights (the base graph with new weights);

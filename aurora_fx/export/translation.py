@@ -21,55 +21,58 @@ __all__ = ["aurora_delta_add_onnx"]
 _ORDER = 3
 
 
-def _const(value, like):
-    """A scalar constant of ``like``'s float type (typed at export time: ORT folds it)."""
-    dtype = getattr(like, "dtype", None)
-    if dtype is None:  # untyped value: let the graph cast it
-        return op.CastLike(op.Constant(value_float=float(value)), like)
+def _float_dtype(*values):
+    """The graph's float type: from the first value that knows it (Ws, an initializer, always does)."""
+    for value in values:
+        dtype = getattr(value, "dtype", None)
+        if dtype is not None:
+            return dtype
+    return ir.DataType.FLOAT
+
+
+def _const(value, dtype):
+    """A typed constant, folded by onnxruntime at load (never a CastLike)."""
     return op.Constant(value=ir.tensor(np.asarray(value, dtype=dtype.numpy())))
 
 
-def _cast_like(value, like):
-    dtype = getattr(like, "dtype", None)
-    return op.Cast(value, to=int(dtype)) if dtype is not None else op.CastLike(value, like)
+# w_k(τ) = Σ_p τ^p · M[p, k]: the four cubic B-spline pieces (METHODS §2.2) as one MatMul.
+_PIECES = [[1.0 / 6, 4.0 / 6, 1.0 / 6, 0.0],
+           [-3.0 / 6, 0.0, 3.0 / 6, 0.0],
+           [3.0 / 6, -6.0 / 6, 3.0 / 6, 0.0],
+           [-1.0 / 6, 3.0 / 6, -3.0 / 6, 1.0 / 6]]
+_LEFT, _RIGHT = 7, 4  # zero rows around Ws so that clipped intervals gather only zeros
 
 
-def _spline(z, Ws, grid_lo: float, grid_step: float):
-    """``Σ_i Σ_k w_k(z_i)·[0₃ Ws 0₃][:, j_i + k]`` → same shape as z."""
-    u = op.Div(op.Sub(z, _const(grid_lo - _ORDER * grid_step, z)), _const(grid_step, z))
+def _spline(z, Ws, grid_lo: float, grid_step: float, dtype):
+    """``Σ_i Σ_k w_k(τ_i)·T[j_i + k]`` with ``T = [0₇ Ws 0₄]ᵀ``: 14 runtime nodes per site.
+
+    ``u = (z − t_0)/h`` (kept with a trailing axis), ``j = ⌊u⌋``, ``τ = u − j``. The interval index
+    is cast to int64 and clipped to ``[−4, G+K+3]``: outside the support every gathered row is a
+    zero row, so no mask is needed, and a NaN (cast to the most negative int64) lands on zero rows
+    too; the NaN still reaches the output through the tanh branch. Fewer nodes matter: at these
+    r̃-wide sizes onnxruntime's per-node dispatch costs more than the arithmetic.
+    """
+    u = op.Add(op.Mul(op.Unsqueeze(z, op.Constant(value_ints=[-1])), _const(1.0 / grid_step, dtype)),
+               _const(-(grid_lo - _ORDER * grid_step) / grid_step, dtype))  # (..., r, 1)
     j = op.Floor(u)
-    tau = op.Sub(u, j)
-    num_bases = op.Shape(Ws, start=1, end=2)  # G + K, int64 (1,)
-    last = _cast_like(op.Add(num_bases, op.Constant(value_ints=[_ORDER - 1])), j)  # last valid interval
-    zero = _const(0.0, z)
-    valid = op.And(op.GreaterOrEqual(j, zero), op.LessOrEqual(j, last))
-    one, two, three, four, six = (_const(v, z) for v in (1.0, 2.0, 3.0, 4.0, 6.0))
-    t2 = op.Mul(tau, tau)
-    t3 = op.Mul(t2, tau)
-    om = op.Sub(one, tau)
-    w0 = op.Where(valid, op.Mul(om, op.Mul(om, om)), zero)
-    w1 = op.Where(valid, op.Add(op.Sub(op.Mul(three, t3), op.Mul(op.Mul(two, three), t2)), four), zero)
-    w2 = op.Where(valid, op.Add(op.Add(op.Add(op.Mul(op.Neg(three), t3), op.Mul(three, t2)), op.Mul(three, tau)), one),
-                  zero)
-    w3 = op.Where(valid, t3, zero)
-    axis = op.Constant(value_ints=[-1])
-    weights = op.Div(op.Concat(op.Unsqueeze(w0, axis), op.Unsqueeze(w1, axis), op.Unsqueeze(w2, axis),
-                               op.Unsqueeze(w3, axis), axis=-1), six)  # (..., r, 4)
-    start = op.Cast(op.Where(valid, j, zero), to=7)  # int64
-    idx = op.Add(op.Unsqueeze(start, axis), op.Constant(value_ints=[0, 1, 2, 3]))  # (..., r, 4)
-    pad = op.Expand(_const(0.0, Ws), op.Concat(op.Shape(Ws, start=0, end=1), op.Constant(value_ints=[_ORDER]),
-                                               axis=0))
-    table = op.Transpose(op.Concat(pad, Ws, pad, axis=1), perm=[1, 0])  # (G+K+6, r)
+    weights = op.MatMul(op.Pow(op.Sub(u, j), _const([0.0, 1.0, 2.0, 3.0], dtype)), _const(_PIECES, dtype))
+    upper = op.Add(op.Shape(Ws, start=1, end=2), op.Constant(value_ints=[_ORDER]))  # G+K+3, folded at load
+    start = op.Clip(op.Cast(j, to=7), op.Constant(value_int=-4), op.Squeeze(upper))
+    idx = op.Add(start, op.Constant(value_ints=[_LEFT - 3, _LEFT - 2, _LEFT - 1, _LEFT]))  # (..., r, 4)
+    rows = op.Shape(Ws, start=0, end=1)
+    left = op.Expand(_const(0.0, dtype), op.Concat(rows, op.Constant(value_ints=[_LEFT]), axis=0))
+    right = op.Expand(_const(0.0, dtype), op.Concat(rows, op.Constant(value_ints=[_RIGHT]), axis=0))
+    table = op.Transpose(op.Concat(left, Ws, right, axis=1), perm=[1, 0])  # (7+G+K+4, r), folded at load
     gathered = op.Gather(table, idx, axis=0)  # (..., r, 4, r)
-    summed = op.ReduceSum(op.Mul(op.Unsqueeze(weights, axis), gathered), op.Constant(value_ints=[-3, -2]),
-                          keepdims=0)
-    return summed  # (..., r)
+    return op.ReduceSum(op.Mul(op.Unsqueeze(weights, op.Constant(value_ints=[-1])), gathered),
+                        op.Constant(value_ints=[-3, -2]), keepdims=0)  # (..., r)
 
 
 def aurora_delta_add_onnx(base, x, A, B, H, Ws, scale: float, grid_lo: float, grid_step: float):
     """``(base + scale·B·σ(A·x), A·x)`` in standard ONNX ops (see the module docstring)."""
+    dtype = _float_dtype(Ws, A, x)
     z = op.MatMul(x, op.Transpose(A, perm=[1, 0]))
     fixed = op.Tanh(op.MatMul(op.Tanh(z), op.Transpose(H, perm=[1, 0])))
-    sigma = op.Add(fixed, _spline(z, Ws, grid_lo, grid_step))
-    delta = op.Mul(op.MatMul(sigma, op.Transpose(B, perm=[1, 0])), _const(scale, sigma))
-    return op.Add(base, delta), z
+    sigma = op.Add(fixed, _spline(z, Ws, grid_lo, grid_step, dtype))
+    up = op.Mul(op.Transpose(B, perm=[1, 0]), _const(scale, dtype))  # scale folded into the tiny factor
+    return op.Add(base, op.MatMul(sigma, up)), z

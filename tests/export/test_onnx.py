@@ -87,3 +87,20 @@ def test_external_data_on_request(tmp_path):
     case, model = _adapted("functional")
     result = to_onnx(model, tmp_path / "m.onnx", example_kwargs=case.inputs(2, 7), external_data=True)
     assert (tmp_path / "m.onnx.data").is_file() and max(result.max_abs_diff.values()) <= 1e-4
+
+
+def test_feature_inputs_keep_their_width_and_nan_propagates(tmp_path):
+    import numpy as np
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    aurora_fx.apply(model, "0")
+    randomize_adapters(model)
+    x = torch.randn(6, 4) * torch.tensor([0.1, 1.0, 10.0, 30.0])  # far outside the spline grid too
+    result = to_onnx(model, tmp_path / "m.onnx", (x[:4],))
+    assert max(result.max_abs_diff.values()) <= 1e-4
+    x[2, 1] = float("nan")
+    got = run_onnx(result.path, {result.input_names[0]: x})[0]
+    with torch.no_grad():
+        expected = model(x).numpy()
+    assert np.isnan(got[2]).all() and np.isfinite(np.delete(got, 2, 0)).all()
+    assert np.abs(np.delete(got, 2, 0) - np.delete(expected, 2, 0)).max() <= 1e-4

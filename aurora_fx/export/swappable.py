@@ -1,0 +1,158 @@
+"""Swappable adapters: one base ONNX graph, adapter weights as inputs, one weight file per fine-tune.
+
+``to_onnx_swappable`` exports the adapted model and turns every adapter tensor (A, B, H, Ws; U, V
+for AROMA) into an *overridable initializer*: a graph input whose default value is zero, which
+makes every adapter's output exactly zero, so the graph alone computes the base model.
+``save_adapter_weights`` writes a fine-tune's adapter tensors as an onnxruntime adapter file
+(``AdapterFormat``, ORT ≥ 1.20) keyed by those input names; at run time the file is activated per
+request with ``RunOptions.add_active_adapter`` (or its tensors are fed as plain inputs).
+
+Example:
+    >>> graph = to_onnx_swappable(model_a, "base.onnx", example_kwargs=batch)
+    >>> save_adapter_weights(model_a, "a.onnx_adapter"); save_adapter_weights(model_b, "b.onnx_adapter")
+    >>> session = SwappableSession("base.onnx")
+    >>> session.run(batch, adapter="a.onnx_adapter")     # fine-tune A; adapter=None: the base model
+
+All fine-tunes must share the sites, methods and ranks of the exported structure (AROMA's grown
+rank may differ: its U/V inputs have a symbolic width).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+from aurora_fx.atomic import atomic_path
+from aurora_fx.export.onnx import ExportResult, to_onnx
+from aurora_fx.inventory import adapter_modules
+
+__all__ = ["to_onnx_swappable", "save_adapter_weights", "adapter_tensors", "SwappableSession", "ADAPTER_MARK"]
+
+ADAPTER_MARK = ".adapter"  # adapter tensors are named <site module>.adapter[_param].<A|B|H|Ws|U|V>
+
+
+def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Adapter tensors of ``model`` by their fully qualified names (the ONNX input names)."""
+    names = {id(t) for _, _, a in adapter_modules(model) for t in [*a.parameters(), *a.buffers()]}
+    state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    return {k: v.detach() for k, v in state.items() if id(v) in names and ADAPTER_MARK in k and not
+            k.endswith(".knots")}
+
+
+def _make_overridable(proto: onnx.ModelProto, names: set[str]) -> list[str]:
+    graph = proto.graph
+    found = []
+    for init in graph.initializer:
+        if init.name not in names:
+            continue
+        value = numpy_helper.to_array(init)
+        init.CopyFrom(numpy_helper.from_array(np.zeros_like(value), init.name))  # zero effect by default
+        shape = list(value.shape)
+        if init.name.endswith((".U", ".V")):  # AROMA: grown width differs between fine-tunes
+            axis = 1 if init.name.endswith(".U") else 0
+            shape[axis] = f"{init.name}_width"
+        graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, shape))
+        found.append(init.name)
+    missing = names - set(found)
+    if missing:
+        raise RuntimeError(f"adapter tensors {sorted(missing)[:3]} are not initializers of the exported graph")
+    return found
+
+
+def to_onnx_swappable(model: nn.Module, path: str | os.PathLike, example_inputs: tuple | None = None,
+                      example_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> ExportResult:
+    """Export ``model``'s structure with adapter weights as zero-default graph inputs.
+
+    Verification (``verify=True``) runs with ``model``'s own weights fed as inputs.
+    """
+    names = set(adapter_tensors(model))
+    if not names:
+        raise ValueError("the model has no adapters; swappable export needs aurora_fx.apply(model, ...) first")
+    verify = kwargs.pop("verify", True)
+    result = to_onnx(model, path, example_inputs, example_kwargs, verify=False, **kwargs)
+    proto = onnx.load(str(result.path))
+    _make_overridable(proto, names)
+    del proto.graph.value_info[:]  # intermediate shapes depend on the fed adapter (AROMA widths): re-infer
+    onnx.checker.check_model(proto)
+    with atomic_path(result.path) as tmp:
+        onnx.save_model(proto, tmp)
+    if verify:
+        _verify(model, result.path, example_inputs, example_kwargs, kwargs.get("atol", 1e-4))
+    return result
+
+
+def _verify(model: nn.Module, path: Path, args: tuple | None, kwargs: dict | None, atol: float) -> None:
+    from aurora_fx.export.onnx import ExportVerificationError, flatten_outputs
+
+    session = SwappableSession(path)
+    feeds = dict(kwargs or {})
+    feeds.update({name: t for name, t in zip(session.data_inputs, args or ())})
+    with torch.no_grad():
+        expected = flatten_outputs(model.eval()(*(args or ()), **(kwargs or {})))
+    got = session.run(feeds, weights=adapter_tensors(model))
+    diff = max(float(np.abs(g - e.numpy()).max()) for g, e in zip(got, expected))
+    if diff > atol:
+        raise ExportVerificationError(f"swappable graph with the model's own adapter weights differs by {diff:.3g}")
+
+
+def save_adapter_weights(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write ``model``'s adapter tensors as an onnxruntime adapter file (``.onnx_adapter``), atomically."""
+    import onnxruntime as ort
+
+    tensors = adapter_tensors(model)
+    if not tensors:
+        raise ValueError("the model has no adapters to save; call aurora_fx.apply(model, ...) first")
+    fmt = ort.AdapterFormat()
+    fmt.set_adapter_version(1)
+    fmt.set_model_version(1)
+    fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v.float().contiguous().numpy())
+                        for k, v in tensors.items()})
+    target = Path(path)
+    with atomic_path(target) as tmp:
+        fmt.export_adapter(str(tmp))
+    return target
+
+
+@dataclass
+class SwappableSession:
+    """One onnxruntime session (CPU provider) serving any number of adapter files."""
+
+    path: str | os.PathLike
+
+    def __post_init__(self) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        names = [i.name for i in self.session.get_inputs()]
+        self.adapter_inputs = [n for n in names if ADAPTER_MARK in n]
+        self.data_inputs = [n for n in names if ADAPTER_MARK not in n]
+        self._adapters: dict[str, Any] = {}
+
+    def run(self, feeds: dict[str, Any], adapter: str | os.PathLike | None = None,
+            weights: dict[str, torch.Tensor] | None = None) -> list[np.ndarray]:
+        """Run with an adapter file (``add_active_adapter``), plain weight tensors, or neither (the base)."""
+        import onnxruntime as ort
+
+        inputs = {k: (v.numpy() if torch.is_tensor(v) else np.asarray(v)) for k, v in feeds.items()
+                  if k in self.data_inputs}
+        if weights is not None:
+            inputs.update({k: v.float().contiguous().numpy() for k, v in weights.items()})
+        options = ort.RunOptions()
+        if adapter is not None:
+            key = str(adapter)
+            if key not in self._adapters:
+                loaded = ort.LoraAdapter()
+                loaded.Load(key)  # memory-maps the file
+                self._adapters[key] = loaded
+            options.add_active_adapter(self._adapters[key])
+        return self.session.run(None, inputs, run_options=options)
