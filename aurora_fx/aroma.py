@@ -63,7 +63,7 @@ class AromaLR(torch.optim.lr_scheduler.LambdaLR):
     def rewarm(self) -> None:
         """Restart the linear re-warm from the current step (called by the controller at a merge)."""
         self.last_merge = self.last_epoch
-        for group, lr in zip(self.optimizer.param_groups, self.get_lr()):
+        for group, lr in zip(self.optimizer.param_groups, self.get_lr(), strict=False):
             group["lr"] = lr
 
 
@@ -103,7 +103,7 @@ class _Rewarm:
 
     def _write(self) -> None:
         factor = min(1.0, self.k / self.steps)
-        for group, lr in zip(self.optimizer.param_groups, self.underlying):
+        for group, lr in zip(self.optimizer.param_groups, self.underlying, strict=False):
             group["lr"] = lr * factor
         self.written = None if factor >= 1.0 else [g["lr"] for g in self.optimizer.param_groups]
 
@@ -271,7 +271,7 @@ class AromaController:
                     rel[i] = AF.lowrank_diff_norm2(B, A, t.snap[1], t.snap[0]).sqrt() / denom
             t.snap = (A.clone(), B.clone())
         rel = _agree(rel)
-        for t, r in zip(open_tracks, rel.tolist()):
+        for t, r in zip(open_tracks, rel.tolist(), strict=False):
             t.stabilized = r < self.inner_threshold
 
     # -- outer step ---------------------------------------------------------------------------
@@ -280,7 +280,7 @@ class AromaController:
         ratios = _agree(torch.tensor([self._outer_ratio(t) for t in self.tracks], dtype=torch.float64))
         merged, converged = [], []
         gen = torch.Generator().manual_seed(hash((self.seed, self.outer)) % (2**62))
-        for t, ratio in zip(self.tracks, ratios.tolist()):
+        for t, ratio in zip(self.tracks, ratios.tolist(), strict=False):
             if t.converged:
                 continue
             if t.merges >= 1:  # the first piece is always merged
@@ -419,14 +419,17 @@ class AromaCallback(_trainer_callback_base()):
         self.converged_early = False
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        """Build the controller around the Trainer's model and optimizer."""
         self.controller = AromaController(model, optimizer, None, **self.controller_kwargs)
 
     def on_step_end(self, args, state, control, **kwargs):
+        """Advance the controller; stop training once every site has converged."""
         self.controller.step()
         if self.controller.done:
             self.converged_early = True
             control.should_training_stop = True
 
     def on_train_end(self, args, state, control, **kwargs):
+        """Merge the active pieces and freeze every site."""
         if self.controller is not None:
             self.controller.finalize()

@@ -166,7 +166,8 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
 def _parse(target: Path, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Checkpoint:
     if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{str(target)!r} has format {meta.get('format')!r} version "
-                              f"{meta.get('format_version')!r}; this aurora_fx reads {FORMAT!r} version {FORMAT_VERSION}")
+                              f"{meta.get('format_version')!r}; this aurora_fx reads {FORMAT!r} "
+                              f"version {FORMAT_VERSION}")
     try:
         sites = tuple(SiteEntry(**{**s, "config": config_from_dict(s["config"])}) for s in meta["sites"])
     except (KeyError, TypeError, ValueError) as exc:
@@ -223,8 +224,8 @@ def _match_sites(model: nn.Module, ckpt: Checkpoint) -> list[SiteRequest]:
 
 def _check_site(entry: SiteEntry, site: Site) -> None:
     if site.adapted:
-        raise CheckpointError(f"site {site.path!r} already has an adapter ({site.adapted}); load onto a fresh base model "
-                              f"or call aurora_fx.unload(model) first")
+        raise CheckpointError(f"site {site.path!r} already has an adapter ({site.adapted}); load onto a fresh "
+                              f"base model or call aurora_fx.unload(model) first")
     if site.reason:
         raise CheckpointError(f"site {site.path!r} cannot take an adapter: {site.reason}")
     if (entry.in_features, entry.out_features) != (site.in_features, site.out_features):

@@ -125,7 +125,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
                      lossy=args.lossy)
     diffs = ", ".join(f"{shape}: {d:.2e}" for shape, d in result.max_abs_diff.items())
     print(f"wrote {result.path} ({result.bytes / 2**20:.1f} MiB) in {result.seconds:.1f}s; inputs "
-          f"{list(result.input_names)}, outputs {list(result.output_names)}; onnxruntime vs PyTorch max abs diff {diffs}")
+          f"{list(result.input_names)}, outputs {list(result.output_names)}; "
+          f"onnxruntime vs PyTorch max abs diff {diffs}")
     return 0
 
 

@@ -120,7 +120,7 @@ def split(data: TextDataset, test: int | float, seed: int = 0) -> tuple[TextData
     for i, y in enumerate(data.labels):
         by_label.setdefault(y, []).append(i)
     test_idx: list[int] = []
-    for y, idx in sorted(by_label.items()):
+    for _, idx in sorted(by_label.items()):
         rng.shuffle(idx)
         test_idx += idx[: round(n_test * len(idx) / len(data))]
     chosen = set(test_idx)

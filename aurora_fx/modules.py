@@ -84,6 +84,7 @@ class LoraAdapter(_AdapterBase):
         _kaiming_uniform(self.A)
 
     def forward(self, x: Tensor) -> Tensor:
+        """The LoRA delta ``s·B·A·drop(x)``."""
         return AF.lora_delta(self._drop(x), self.A, self.B, self.scale)
 
     def delta_weight(self, lossy: bool = False) -> Tensor:
@@ -97,7 +98,8 @@ class AuroraAdapter(_AdapterBase):
 
     Init (METHODS §2.4): A Kaiming-uniform(a=√5); B zero (the output starts at exactly 0);
     H Xavier-normal; Ws U(±spline_init). The 12-knot vector is a non-persistent float64 buffer
-    rebuilt from the config (also after ``.to()``/``.double()``, so casts never round it). Parameters per site: ``r̃(d_in + d_out) + r̃² + r̃(G + K)``.
+    rebuilt from the config (also after ``.to()``/``.double()``, so casts never round it).
+    Parameters per site: ``r̃(d_in + d_out) + r̃² + r̃(G + K)``.
     """
 
     def __init__(self, in_features: int, out_features: int, config: AuroraConfig, *, device=None, dtype=None) -> None:
@@ -124,6 +126,7 @@ class AuroraAdapter(_AdapterBase):
         return self
 
     def forward(self, x: Tensor) -> Tensor:
+        """The AuroRA delta ``s·B·σ(A·drop(x))`` (reference path; the fuse pass swaps in the op)."""
         return AF.aurora_delta(self._drop(x), self.A, self.B, self.H, self.Ws, self.knots, self.scale, self.order)
 
     def delta_weight(self, lossy: bool = False) -> Tensor:
@@ -164,6 +167,7 @@ class AromaAdapter(_AdapterBase):
         return self.U.shape[1]
 
     def forward(self, x: Tensor) -> Tensor:
+        """Merged pieces ``U·Vᵀ·x`` plus the active piece's LoRA delta."""
         return AF.factors_delta(x, self.U, self.V) + AF.lora_delta(self._drop(x), self.A, self.B, self.scale)
 
     def delta_weight(self, lossy: bool = False) -> Tensor:

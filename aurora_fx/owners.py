@@ -89,9 +89,9 @@ def build_owner(
 
 def _copy_plain_attributes(src: nn.Module, dst: nn.Module) -> None:
     for key, value in vars(src).items():
-        if not key.startswith("_") and key != "training" and isinstance(value, _PLAIN_TYPES):
-            if not hasattr(dst, key):
-                dst.__dict__[key] = value
+        plain = not key.startswith("_") and key != "training" and isinstance(value, _PLAIN_TYPES)
+        if plain and not hasattr(dst, key):
+            dst.__dict__[key] = value
 
 
 def _copy_hooks(src: nn.Module, dst: nn.Module) -> None:
@@ -154,8 +154,8 @@ def guard_fast_paths(model: nn.Module, paths: list[str]) -> None:
 
 def release_fast_paths(model: nn.Module) -> None:
     """Restore fast paths of layers that no longer hold any adapter."""
-    for path, layer in model.named_modules():
-        if isinstance(layer, nn.TransformerEncoderLayer) and hasattr(layer, _FASTPATH_SAVED):
-            if not any(owner_state(m) is not None for m in layer.modules()):
-                layer.activation_relu_or_gelu = getattr(layer, _FASTPATH_SAVED)
-                delattr(layer, _FASTPATH_SAVED)
+    for _path, layer in model.named_modules():
+        guarded = isinstance(layer, nn.TransformerEncoderLayer) and hasattr(layer, _FASTPATH_SAVED)
+        if guarded and not any(owner_state(m) is not None for m in layer.modules()):
+            layer.activation_relu_or_gelu = getattr(layer, _FASTPATH_SAVED)
+            delattr(layer, _FASTPATH_SAVED)

@@ -1,10 +1,10 @@
-"""Import an HF PEFT LoRA checkpoint (``adapter_config.json`` + ``adapter_model.safetensors``).
+r"""Import an HF PEFT LoRA checkpoint (``adapter_config.json`` + ``adapter_model.safetensors``).
 
 The LoRA factors become aurora_fx ``LoraAdapter``\\s with identical outputs (PEFT's
 ``lora_A.weight`` is our A ``(r, d_in)``, ``lora_B.weight`` our B ``(d_out, r)``, scale
 ``lora_alpha / r``, or ``lora_alpha / √r`` with rsLoRA; ``alpha_pattern`` and ``rank_pattern`` are
-honoured through the factor shapes). ``modules_to_save`` weights are loaded into the model and stay trainable. Everything
-is validated before the model changes. Migrated fine-tunes export with ``aurora_fx.export``.
+honoured through the factor shapes). ``modules_to_save`` weights are loaded into the model and
+stay trainable. Everything is validated before the model changes. Migrated fine-tunes export with ``aurora_fx.export``.
 
 Example:
     >>> model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=5)
@@ -139,7 +139,8 @@ def _module_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> list[
         name = key.replace(".modules_to_save.default.", ".").replace(".original_module.", ".")
         param = params.get(name)
         if param is None or param.shape != value.shape:
-            raise CheckpointError(f"PEFT tensor {key!r} does not fit this {type(model).__name__} "
-                                  f"({'no parameter ' + repr(name) if param is None else 'shape ' + str(tuple(value.shape)) + ' vs ' + str(tuple(param.shape))})")
+            why = (f"no parameter {name!r}" if param is None
+                   else f"shape {tuple(value.shape)} vs {tuple(param.shape)}")
+            raise CheckpointError(f"PEFT tensor {key!r} does not fit this {type(model).__name__} ({why})")
         out.append((param, value.to(dtype=param.dtype)))
     return out

@@ -127,7 +127,8 @@ def apply(
     return model
 
 
-def select_sites(table: SiteTable, pattern: Pattern, config: AdapterConfig, model: nn.Module | None = None) -> list[Site]:
+def select_sites(table: SiteTable, pattern: Pattern, config: AdapterConfig,
+                 model: nn.Module | None = None) -> list[Site]:
     """The matched sites, or a ValueError that says what went wrong and what to do."""
     matched = table.matched
     if model is not None:
@@ -204,8 +205,9 @@ def _plan_owner(model: nn.Module, path: str, requests: list[SiteRequest], fuse: 
     adapters, bindings = {}, []
     devices = {p.device for p in current.parameters(recurse=False)}
     if len(devices) > 1:
-        raise ValueError(f"{path or '<root>'} has parameters on several devices ({', '.join(sorted(map(str, devices)))});"
-                         f" move the module to one device before aurora_fx.apply")
+        names = ", ".join(sorted(map(str, devices)))
+        raise ValueError(f"{path or '<root>'} has parameters on several devices ({names}); "
+                         f"move the module to one device before aurora_fx.apply")
     for request in requests:
         site = request.site
         weight = current._parameters[site.param]

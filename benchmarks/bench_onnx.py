@@ -80,7 +80,7 @@ def main() -> None:
         latency = {}
         for batch in (1, 8):
             data = feeds(batch)
-            runs = interleaved({n: (lambda s=s: s.run(None, data)) for n, s in sessions.items()},
+            runs = interleaved({n: (lambda s=s, data=data: s.run(None, data)) for n, s in sessions.items()},
                                repeats=args.repeats, warmup=3)
             latency[batch] = {n: median(t) for n, t in runs.items()}
     rows = []

@@ -23,7 +23,8 @@ from aurora_fx.data import load_bbc, split
 from aurora_fx.train import TrainConfig, encode, evaluate, make_scheduler, train_classifier
 from aurora_fx.zoo import load_model
 
-AROMA_PATTERN = r"attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|layer\.\d+\.output\.dense"
+AROMA_PATTERN = (r"attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense"
+                 r"|layer\.\d+\.output\.dense")
 
 
 def run(method: str, args, train_enc, test_enc, tokenizer_free_model_factory):
@@ -114,8 +115,9 @@ def main() -> None:
           f"{aroma['stored_adapter_params']:,}) vs LoRA r=8 {lora['accuracy']:.3f} "
           f"({lora['initial_trainable_adapter_params']:,})")
     plot(aroma["curve"], out / "aroma_rank_growth.png")
-    (out / "aroma_bbc.json").write_text(json.dumps({k: {kk: vv for kk, vv in r.items() if kk != "curve"}
-                                                    for k, r in zip(("aroma", "lora"), results)}, indent=2))
+    summary = {k: {kk: vv for kk, vv in r.items() if kk != "curve"}
+               for k, r in zip(("aroma", "lora"), results, strict=True)}
+    (out / "aroma_bbc.json").write_text(json.dumps(summary, indent=2))
     print(f"wrote {out / 'aroma_rank_growth.png'} and {out / 'aroma_bbc.json'}")
 
 

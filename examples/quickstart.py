@@ -17,7 +17,7 @@ print(aurora_fx.inspect(model))
 ids = torch.randint(1, 100, (8, 12))
 labels = torch.randint(0, 3, (8,))
 optimizer = torch.optim.AdamW(aurora_fx.trainable_parameters(model), lr=1e-2)
-for step in range(10):
+for _step in range(10):
     loss = model(input_ids=ids, labels=labels).loss
     optimizer.zero_grad()
     loss.backward()

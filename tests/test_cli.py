@@ -20,7 +20,7 @@ def bbc_folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("bbc")
     bbc = load_bbc()
     counts: dict[int, int] = {}
-    for i, (text, y) in enumerate(zip(bbc.texts, bbc.labels)):
+    for i, (text, y) in enumerate(zip(bbc.texts, bbc.labels, strict=False)):
         if counts.get(y, 0) < 30:
             counts[y] = counts.get(y, 0) + 1
             (root / bbc.label_names[y]).mkdir(exist_ok=True)

@@ -27,7 +27,7 @@ def test_split_is_stratified_and_disjoint():
     assert not set(rest.texts) & set(test.texts) or len(set(bbc.texts)) < len(bbc)
     shares = [test.labels.count(y) / len(test) for y in range(5)]
     full = [bbc.labels.count(y) / len(bbc) for y in range(5)]
-    assert max(abs(a - b) for a, b in zip(shares, full)) < 0.01
+    assert max(abs(a - b) for a, b in zip(shares, full, strict=False)) < 0.01
 
 
 def test_folder_and_csv_loaders(tmp_path):

@@ -50,7 +50,7 @@ def test_hf_trainer_trains_an_aurora_model_unchanged(tmp_path):
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 100, (64, 10), generator=g)
     labels = (ids[:, 0] > 50).long()
-    data = [{"input_ids": i, "labels": y} for i, y in zip(ids, labels)]
+    data = [{"input_ids": i, "labels": y} for i, y in zip(ids, labels, strict=False)]
     adapter_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     base_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     args = TrainingArguments(output_dir=str(tmp_path / "t"), max_steps=30, per_device_train_batch_size=16,

@@ -7,8 +7,9 @@ The regexes check both halves of a good message: what is wrong, and what to do.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch

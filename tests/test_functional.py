@@ -66,14 +66,14 @@ def test_anl_at_zero_is_not_zero():
     assert_close(AF.anl(torch.zeros(2, dtype=F64), H, Ws, KNOTS), expected, F64)
 
 
-def test_aurora_delta_is_s_B_sigma_Ax():
+def test_aurora_delta_is_s_b_sigma_ax():
     A, B, H, Ws = _weights()
     x = torch.randn(3, 4, 6, dtype=F64)
     expected = 2.0 * AF.anl(x @ A.T, H, Ws, KNOTS) @ B.T
     assert_close(AF.aurora_delta(x, A, B, H, Ws, KNOTS, 2.0), expected, F64)
 
 
-def test_static_merge_applies_sigma_to_each_column_of_A():
+def test_static_merge_applies_sigma_to_each_column_of_a():
     A, B, H, Ws = _weights()
     columns = torch.stack([AF.anl(A[:, j], H, Ws, KNOTS) for j in range(A.shape[1])], dim=1)  # (r, d_in)
     assert_close(AF.aurora_static_delta_weight(A, B, H, Ws, KNOTS, 2.0), 2.0 * B @ columns, F64)

@@ -62,7 +62,8 @@ def test_transformer_encoder_layer_fast_path_never_bypasses_the_adapter():
 
 
 def test_no_match_lists_the_candidates():
-    with pytest.raises(ValueError, match=r"pattern 'querry' matched no site.*encoder\.layer\.0\.attention\.self\.query"):
+    expected = r"pattern 'querry' matched no site.*encoder\.layer\.0\.attention\.self\.query"
+    with pytest.raises(ValueError, match=expected):
         aurora_fx.apply(CASES["bert"].build(), "querry")
 
 
@@ -125,8 +126,8 @@ def test_lossy_aurora_merge_is_the_static_formula():
     aurora_fx.apply(model, "0")
     randomize_adapters(model)
     a = model[0].adapter
-    expected = model[0].weight + AF.aurora_static_delta_weight(a.A, a.B, a.H, a.Ws, AF.spline_knots(dtype=torch.float64),
-                                                             a.scale)
+    knots = AF.spline_knots(dtype=torch.float64)
+    expected = model[0].weight + AF.aurora_static_delta_weight(a.A, a.B, a.H, a.Ws, knots, a.scale)
     expected = expected.detach().clone()
     aurora_fx.merge(model, lossy=True)
     assert type(model[0]) is nn.Linear

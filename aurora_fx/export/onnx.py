@@ -1,4 +1,4 @@
-"""One-call ONNX export with the adapters baked in, verified in onnxruntime.
+r"""One-call ONNX export with the adapters baked in, verified in onnxruntime.
 
 ``to_onnx`` runs ``torch.onnx.export(dynamo=True)`` on the adapted model itself (it keeps its
 class, so HF ``ModelOutput``\\s and timm forwards export as usual). The fused AuroRA op reaches
@@ -96,8 +96,11 @@ def output_names(outputs: Any) -> list[str]:
 
 
 def _dynamic_dims(t: Any) -> tuple[int, ...]:
-    """Axes exported as dynamic: batch always; the sequence axis for token inputs (2-D/3-D integer)
-    and for float ``(B, L, D)`` inputs. Float ``(B, F)`` features and images keep their other axes."""
+    """Axes exported as dynamic: batch always, plus the sequence axis where there is one.
+
+    The sequence axis is dynamic for token inputs (2-D/3-D integer) and for float ``(B, L, D)``
+    inputs. Float ``(B, F)`` features and images keep their other axes.
+    """
     if not torch.is_tensor(t) or t.dim() == 0:
         return ()
     if (t.dim() in (2, 3) and not t.is_floating_point()) or (t.dim() == 3 and t.is_floating_point()):
@@ -204,10 +207,11 @@ def _verify(model: nn.Module, path: Path, args: tuple, kwargs: dict[str, Any], d
     for a, kw in trials:
         with torch.no_grad():
             expected = flatten_outputs(model(*a, **kw))
-        feeds = dict(zip(input_names, [t for t in a if torch.is_tensor(t)]))
+        feeds = dict(zip(input_names, [t for t in a if torch.is_tensor(t)], strict=False))
         feeds.update({k: v for k, v in kw.items() if torch.is_tensor(v)})
         got = run_onnx(path, feeds)
-        diff = max(float(np.abs(g - _numpy(e)).max()) if e.numel() else 0.0 for g, e in zip(got, expected))
+        diff = max(float(np.abs(g - _numpy(e)).max()) if e.numel() else 0.0
+                   for g, e in zip(got, expected, strict=False))
         key = tuple(next(t for t in [*a, *kw.values()] if torch.is_tensor(t)).shape)
         diffs[key] = diff
         if not diff <= atol:

@@ -94,11 +94,11 @@ def _verify(model: nn.Module, path: Path, args: tuple | None, kwargs: dict | Non
 
     session = SwappableSession(path)
     feeds = dict(kwargs or {})
-    feeds.update({name: t for name, t in zip(session.data_inputs, args or ())})
+    feeds.update({name: t for name, t in zip(session.data_inputs, args or (), strict=False)})
     with torch.no_grad():
         expected = flatten_outputs(model.eval()(*(args or ()), **(kwargs or {})))
     got = session.run(feeds, weights=adapter_tensors(model))
-    diff = max(float(np.abs(g - e.numpy()).max()) for g, e in zip(got, expected))
+    diff = max(float(np.abs(g - e.numpy()).max()) for g, e in zip(got, expected, strict=False))
     if diff > atol:
         raise ExportVerificationError(f"swappable graph with the model's own adapter weights differs by {diff:.3g}")
 

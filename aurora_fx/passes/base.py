@@ -23,8 +23,10 @@ class PassResult:
 
 
 def finish_graph(gm: fx.GraphModule) -> fx.GraphModule:
-    """Lint the graph and regenerate ``forward`` (no dead-code elimination: user graphs may
-    hold side effects whose results are unused)."""
+    """Lint the graph and regenerate ``forward``.
+
+    No dead-code elimination: user graphs may hold side effects whose results are unused.
+    """
     gm.graph.lint()
     gm.recompile()
     return gm
