@@ -103,7 +103,7 @@ class Mode:
     synthetic: SyntheticConfig
 
 
-FULL = Mode("full", (DataSetting("bbc", 50, 96, 150, 400), DataSetting("tweets", 100, 64, 300, 600, 4000)),
+FULL = Mode("full", (DataSetting("bbc", 50, 96, 150, 400), DataSetting("tweets", 60, 64, 200, 500, 4000)),
             tuple(m.name for m in METHODS), (0, 1, 2), True, SyntheticConfig())
 QUICK = Mode("quick", (DataSetting("bbc", 20, 128, 100, 200), DataSetting("tweets", 40, 64, 200, 400, 2000)),
              QUICK_METHODS, (0,), False,
@@ -333,6 +333,7 @@ class Row:
     adapter_params: int
     seconds_median: float
     stored_adapter_params: int | None = None
+    seeds: int = 0
 
 
 def summarize(dataset: str, method: Method, seeds: list[RunRecord], sweep: list[RunRecord]) -> Row:
@@ -340,7 +341,24 @@ def summarize(dataset: str, method: Method, seeds: list[RunRecord], sweep: list[
     stored = [r.extra.get("stored_adapter_params") for r in seeds if "stored_adapter_params" in r.extra]
     return Row(dataset, method.name, seeds[0].lr, {f"{r.lr:g}": r.val_accuracy for r in sweep},
                statistics.median(tests), min(tests), max(tests), seeds[0].trainable_params, seeds[0].adapter_params,
-               statistics.median(r.seconds for r in seeds), int(statistics.median(stored)) if stored else None)
+               statistics.median(r.seconds for r in seeds), int(statistics.median(stored)) if stored else None,
+               len(seeds))
+
+
+def rows_from_store(mode: Mode, store: RunStore) -> list[Row]:
+    """Summary rows from the finished runs alone (``--report``): a method whose sweep is not
+    finished is left out; one with fewer seeds than planned shows its seed count."""
+    rows = []
+    for setting in mode.data:
+        for method in map(method_named, mode.methods):
+            lrs = method.lrs if mode.sweep else method.lrs[-1:]
+            sweep = [store.get(RunKey(setting.name, method.name, lr, mode.seeds[0])) for lr in lrs]
+            if None in sweep:
+                continue
+            best = choose_lr(sweep)
+            seeds = [store.get(RunKey(setting.name, method.name, best.lr, s)) for s in mode.seeds]
+            rows.append(summarize(setting.name, method, [r for r in seeds if r is not None], sweep))
+    return rows
 
 
 def claims(rows: list[Row]) -> list[str]:
@@ -377,8 +395,9 @@ def _compare(ds: str, label: str, a: Row, lora: Row) -> str:
 
 
 def format_rows(rows: list[Row]) -> str:
-    header = ("data", "method", "lr", "test acc median [min, max]", "trainable", "adapter", "stored", "train s")
-    return table(header, [(r.dataset, r.method, f"{r.lr:g}", _acc(r), f"{r.trainable_params:,}",
+    header = ("data", "method", "lr", "seeds", "test acc median [min, max]", "trainable", "adapter", "stored",
+              "train s")
+    return table(header, [(r.dataset, r.method, f"{r.lr:g}", r.seeds, _acc(r), f"{r.trainable_params:,}",
                            f"{r.adapter_params:,}", f"{r.stored_adapter_params:,}" if r.stored_adapter_params else "",
                            f"{r.seconds_median:.0f}") for r in rows])
 
@@ -413,19 +432,16 @@ def plot(rows: list[Row], path: Path) -> None:
 
 
 def run_data(mode: Mode, store: RunStore, bar, model_factory=minilm_factory) -> list[Row]:
-    """Every method of ``mode`` on every data set: the summary rows."""
+    """Run (or resume) every method of ``mode`` on every data set; the summary rows."""
     from aurora_fx.zoo import load_model
 
     tokenizer = load_model("minilm").tokenizer
-    runner, rows = Runner(store, mode, model_factory, bar), []
+    runner = Runner(store, mode, model_factory, bar)
     for setting in mode.data:
         prep = prepare(setting, tokenizer)
         for method in map(method_named, mode.methods):
-            seeds = runner.method(prep, method)
-            sweep = [r for r in store.runs.values() if (r.dataset, r.method, r.seed) ==
-                     (setting.name, method.name, mode.seeds[0])]
-            rows.append(summarize(setting.name, method, seeds, sweep))
-    return rows
+            runner.method(prep, method)
+    return rows_from_store(mode, store)
 
 
 def planned_runs(mode: Mode) -> int:
@@ -438,6 +454,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="1 seed, no sweep, fewer steps (< 10 min)")
     parser.add_argument("--fresh", action="store_true", help="ignore finished runs and start over")
     parser.add_argument("--skip-synthetic", action="store_true")
+    parser.add_argument("--report", action="store_true",
+                        help="train nothing: build the table and plot from the finished runs only")
     args = parser.parse_args(argv)
     from tqdm.auto import tqdm
 
@@ -446,8 +464,11 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(torch.get_num_threads())
     started = time.perf_counter()
     store = RunStore(RESULTS / f"{stem}_runs.json", fresh=args.fresh)
-    with tqdm(total=planned_runs(mode), desc=f"bench_quality ({mode.name})", dynamic_ncols=True) as bar:
-        rows = run_data(mode, store, bar)
+    if args.report:
+        rows = rows_from_store(mode, store)
+    else:
+        with tqdm(total=planned_runs(mode), desc=f"bench_quality ({mode.name})", dynamic_ncols=True) as bar:
+            rows = run_data(mode, store, bar)
     fits = [] if args.skip_synthetic else run_synthetic(mode.synthetic, progress=True)
     write_outputs(stem, mode, rows, fits, time.perf_counter() - started)
 

@@ -43,6 +43,19 @@ def test_store_is_resumable_and_runner_skips_finished_runs(tmp_path):
     seeds = BQ.Runner(reloaded, mode, no_training).method(prep, BQ.method_named("lora_r8"))
     assert [(r.lr, r.seed) for r in seeds] == [(5e-3, 0), (5e-3, 1), (5e-3, 2)]
     assert BQ.planned_runs(mode) == 4
+    (row,) = BQ.rows_from_store(mode, reloaded)
+    assert (row.lr, row.seeds, row.test_median) == (5e-3, 3, 0.7)
+
+
+def test_report_leaves_out_methods_whose_sweep_is_unfinished_and_counts_seeds(tmp_path):
+    store = BQ.RunStore(tmp_path / "runs.json")
+    mode = BQ.Mode("t", (BQ.DataSetting("bbc", 1, 8, 1, 1),), ("lora_r8", "aurora_r2"), (0, 1, 2), True,
+                   SY.SyntheticConfig())
+    store.put(_record(method="aurora_r2", lr=2e-3))
+    for lr in BQ.ADAPTER_LRS:
+        store.put(_record(lr=lr))
+    (row,) = BQ.rows_from_store(mode, store)
+    assert (row.method, row.seeds) == ("lora_r8", 1)
     assert BQ.RunStore(tmp_path / "runs.json", fresh=True).runs == {}
 
 
