@@ -22,7 +22,7 @@ Protocol (full mode, the table of record):
 Every finished run is written at once (atomically) to ``results/quality_runs.json``; a rerun skips
 the runs already there, so a crash loses at most the run in progress.  ``--fresh`` starts over.
 
-    python benchmarks/bench_quality.py            # full: about 70 min on 2 cores
+    python benchmarks/bench_quality.py            # full: about 75 min on 2 cores
     python benchmarks/bench_quality.py --quick    # smoke run: under 10 min, 1 seed, no sweep
 
 Writes ``results/quality.json`` (``quality_quick.json``) and ``results/quality.png``.
