@@ -1,10 +1,22 @@
 """ONNX translation of ``aurora_fx::aurora_delta_add`` with standard opset-18 ops only.
 
 The exporter (``torch.onnx.export(dynamo=True)``) calls ``aurora_delta_add_onnx`` through its
-``custom_translation_table``; it emits the same closed-form math as the fused CPU kernel:
-``z = x·Aᵀ``; ``σ = tanh(tanh(z)·Hᵀ) + Σ_i Σ_k w_k(τ_i)·T[j_i + k]`` with ``T = [0₃ Ws 0₃]ᵀ``
-(a Gather plus a cubic polynomial); ``out = base + s·σ·Bᵀ``. Written with ``opset18`` because
-the exporter builds at opset 18 (PLATFORM.md §3). The spline runs in the graph's float type.
+``custom_translation_table``. The cubic B-spline is written in its symmetric closed form (the same
+function as METHODS §2.2's recursion and the fused kernel's gather form): with centres
+``c_k = t_{k+2}`` and spacing ``h``,
+
+    B_k(z) = (relu(2h − |z − c_k|)³ − 4·relu(h − |z − c_k|)³) / (6h³)
+
+which is exact everywhere, is 0 outside the support and needs neither a Gather nor a mask.
+``z = x·Aᵀ``; the tanh branch ``tanh(tanh(z)·Hᵀ)`` and both spline halves are concatenated into one
+``(…, r + 2·r·(G+K))`` feature row that meets a single weight matrix
+
+    M = [ I_r ; Wsᵀ tiled over the r channels · 1/(6h³) ; the same · −4 ] · s·Bᵀ
+
+so σ, the channel sum ``S(z)``, ``W_s`` and the up-projection are one MatMul; ``out = base + …``.
+``M`` depends on initializers only, so onnxruntime folds it once at load. 13 runtime nodes per
+site: at these r̃-wide sizes onnxruntime's per-node dispatch costs more than the arithmetic. The
+spline runs in the graph's float type.
 
 ATen schema: ``aurora_fx::aurora_delta_add(Tensor base, Tensor x, Tensor A, Tensor B, Tensor H,
 Tensor Ws, float scale, float grid_lo, float grid_step) -> (Tensor, Tensor)``.
@@ -16,9 +28,9 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript import opset18 as op
 
-__all__ = ["aurora_delta_add_onnx"]
+from aurora_fx.ops.aurora_delta import ORDER
 
-_ORDER = 3
+__all__ = ["aurora_delta_add_onnx", "spline_layout"]
 
 
 def _float_dtype(*values):
@@ -35,44 +47,46 @@ def _const(value, dtype):
     return op.Constant(value=ir.tensor(np.asarray(value, dtype=dtype.numpy())))
 
 
-# w_k(τ) = Σ_p τ^p · M[p, k]: the four cubic B-spline pieces (METHODS §2.2) as one MatMul.
-_PIECES = [[1.0 / 6, 4.0 / 6, 1.0 / 6, 0.0],
-           [-3.0 / 6, 0.0, 3.0 / 6, 0.0],
-           [3.0 / 6, -6.0 / 6, 3.0 / 6, 0.0],
-           [-1.0 / 6, 3.0 / 6, -3.0 / 6, 1.0 / 6]]
-_LEFT, _RIGHT = 7, 4  # zero rows around Ws so that clipped intervals gather only zeros
+def _static_dims(Ws) -> tuple[int, int]:
+    shape = getattr(Ws, "shape", None)
+    dims = tuple(shape) if shape is not None else ()
+    if len(dims) != 2 or not all(isinstance(d, int) for d in dims):
+        raise ValueError(f"the ONNX translation needs the spline weights' static shape (r, G+K); got {shape}")
+    return dims
 
 
-def _spline(z, Ws, grid_lo: float, grid_step: float, dtype):
-    """``Σ_i Σ_k w_k(τ_i)·T[j_i + k]`` with ``T = [0₇ Ws 0₄]ᵀ``: 14 runtime nodes per site.
+def spline_layout(rank: int, num_bases: int, grid_lo: float, grid_step: float):
+    """Constants of the closed-form spline: expansion ``E``, offsets and radii for ``2·r·(G+K)`` columns.
 
-    ``u = (z − t_0)/h`` (kept with a trailing axis), ``j = ⌊u⌋``, ``τ = u − j``. The interval index
-    is cast to int64 and clipped to ``[−4, G+K+3]``: outside the support every gathered row is a
-    zero row, so no mask is needed, and a NaN (cast to the most negative int64) lands on zero rows
-    too; the NaN still reaches the output through the tanh branch. Fewer nodes matter: at these
-    r̃-wide sizes onnxruntime's per-node dispatch costs more than the arithmetic.
+    Column ``(p, i, k)`` (``p`` the half, ``i`` the channel, ``k`` the basis) holds
+    ``radius_p − |z_i − c_k|`` with ``radius = (2h, h)``; ``E`` is ``(r, 2·r·(G+K))``.
     """
-    u = op.Add(op.Mul(op.Unsqueeze(z, op.Constant(value_ints=[-1])), _const(1.0 / grid_step, dtype)),
-               _const(-(grid_lo - _ORDER * grid_step) / grid_step, dtype))  # (..., r, 1)
-    j = op.Floor(u)
-    weights = op.MatMul(op.Pow(op.Sub(u, j), _const([0.0, 1.0, 2.0, 3.0], dtype)), _const(_PIECES, dtype))
-    upper = op.Add(op.Shape(Ws, start=1, end=2), op.Constant(value_ints=[_ORDER]))  # G+K+3, folded at load
-    start = op.Clip(op.Cast(j, to=7), op.Constant(value_int=-4), op.Squeeze(upper))
-    idx = op.Add(start, op.Constant(value_ints=[_LEFT - 3, _LEFT - 2, _LEFT - 1, _LEFT]))  # (..., r, 4)
-    rows = op.Shape(Ws, start=0, end=1)
-    left = op.Expand(_const(0.0, dtype), op.Concat(rows, op.Constant(value_ints=[_LEFT]), axis=0))
-    right = op.Expand(_const(0.0, dtype), op.Concat(rows, op.Constant(value_ints=[_RIGHT]), axis=0))
-    table = op.Transpose(op.Concat(left, Ws, right, axis=1), perm=[1, 0])  # (7+G+K+4, r), folded at load
-    gathered = op.Gather(table, idx, axis=0)  # (..., r, 4, r)
-    return op.ReduceSum(op.Mul(op.Unsqueeze(weights, op.Constant(value_ints=[-1])), gathered),
-                        op.Constant(value_ints=[-3, -2]), keepdims=0)  # (..., r)
+    centres = grid_lo + (np.arange(num_bases) + 2 - ORDER) * grid_step  # c_k = t_{k+2}
+    expand = np.kron(np.ones((1, 2)), np.kron(np.eye(rank), np.ones((1, num_bases))))
+    offsets = np.tile(-centres, 2 * rank)
+    radii = np.repeat([2 * grid_step, grid_step], rank * num_bases)
+    return expand, offsets, radii
+
+
+def _combined_up(Ws, B, scale: float, rank: int, num_bases: int, grid_step: float, dtype):
+    """``M`` of the module docstring, ``(r + 2·r·(G+K), d_out)``: initializers only, folded at load."""
+    per_channel = op.Tile(op.Transpose(Ws, perm=[1, 0]), op.Constant(value_ints=[rank, 1]))  # (r·nb, r)
+    h3 = 6.0 * grid_step**3
+    spline_rows = op.Concat(op.Mul(per_channel, _const(1.0 / h3, dtype)),
+                            op.Mul(per_channel, _const(-4.0 / h3, dtype)), axis=0)
+    rows = op.Concat(_const(np.eye(rank), dtype), spline_rows, axis=0)
+    return op.MatMul(rows, op.Mul(op.Transpose(B, perm=[1, 0]), _const(scale, dtype)))
 
 
 def aurora_delta_add_onnx(base, x, A, B, H, Ws, scale: float, grid_lo: float, grid_step: float):
     """``(base + scale·B·σ(A·x), A·x)`` in standard ONNX ops (see the module docstring)."""
     dtype = _float_dtype(Ws, A, x)
+    rank, num_bases = _static_dims(Ws)
+    expand, offsets, radii = spline_layout(rank, num_bases, grid_lo, grid_step)
     z = op.MatMul(x, op.Transpose(A, perm=[1, 0]))
     fixed = op.Tanh(op.MatMul(op.Tanh(z), op.Transpose(H, perm=[1, 0])))
-    sigma = op.Add(fixed, _spline(z, Ws, grid_lo, grid_step, dtype))
-    up = op.Mul(op.Transpose(B, perm=[1, 0]), _const(scale, dtype))  # scale folded into the tiny factor
-    return op.Add(base, op.MatMul(sigma, up)), z
+    distance = op.Abs(op.Add(op.MatMul(z, _const(expand, dtype)), _const(offsets, dtype)))
+    cubes = op.Pow(op.Relu(op.Sub(_const(radii, dtype), distance)), _const(3.0, dtype))
+    features = op.Concat(fixed, cubes, axis=-1)
+    up = _combined_up(Ws, B, scale, rank, num_bases, grid_step, dtype)
+    return op.Add(base, op.MatMul(features, up)), z

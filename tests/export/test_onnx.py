@@ -104,3 +104,31 @@ def test_feature_inputs_keep_their_width_and_nan_propagates(tmp_path):
         expected = model(x).numpy()
     assert np.isnan(got[2]).all() and np.isfinite(np.delete(got, 2, 0)).all()
     assert np.abs(np.delete(got, 2, 0) - np.delete(expected, 2, 0)).max() <= 1e-4
+
+
+@pytest.mark.parametrize(("grid_size", "grid_range"), [(5, (-1.0, 1.0)), (8, (-2.0, 0.5))])
+def test_closed_form_spline_matches_across_on_and_beyond_the_knots(grid_size, grid_range, tmp_path):
+    import numpy as np
+
+    from aurora_fx.config import AuroraConfig
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3))
+    aurora_fx.apply(model, "0", config=AuroraConfig(grid_size=grid_size, grid_range=grid_range))
+    randomize_adapters(model, std=0.5)
+    site = model[0]
+    with torch.no_grad():
+        site.adapter.A.copy_(torch.tensor([[1.0, 0.0], [0.0, -0.5]]))  # z = (u, -u/2): both sweep the grid
+    lo, hi = grid_range
+    h = (hi - lo) / grid_size
+    knots = lo + h * np.arange(-3, grid_size + 4)
+    sweep = np.concatenate([np.linspace(lo - 5 * h, hi + 5 * h, 997), knots, knots + 1e-4, knots - 1e-4,
+                            -2 * knots, [0.0]])
+    x = torch.tensor(sweep, dtype=torch.float32).unsqueeze(-1).expand(-1, 2).contiguous()
+    result = to_onnx(model, tmp_path / "m.onnx", (x[:5],))
+    got = run_onnx(result.path, {result.input_names[0]: x})[0]
+    with torch.no_grad():
+        expected = model(x).numpy()
+        base = torch.nn.functional.linear(x, site.weight, site.bias).numpy()
+    assert np.abs(got - expected).max() <= 1e-5
+    assert np.abs(expected - base).max() > 1e-2  # the adapter is not silently zero
