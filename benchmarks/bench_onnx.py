@@ -1,12 +1,13 @@
 """onnxruntime CPU latency of MiniLM-L6 exports: base, AuroRA unmerged, LoRA r=8 unmerged and merged.
 
-    python benchmarks/bench_onnx.py [--repeats 30]
+    python benchmarks/bench_onnx.py [--repeats 60]
 
 Real MiniLM-L6 weights (sequence classifier, 5 labels), adapters on query/value with random non-zero
 weights (latency does not depend on their values). Each model is exported once with
 aurora_fx.export.to_onnx (verified in onnxruntime), then timed at batch 1 and 8, seq 128, with the
-CPU provider and 2 intra-op threads; the four sessions run interleaved. Prints a table (median,
-ratio to the base) and writes benchmarks/results/onnx.json.
+CPU provider and 2 intra-op threads; the four sessions run interleaved, one call each per round in
+a shuffled order. Prints a table (median latency; ratio to the base = median over rounds of the
+same round's ratio) and writes benchmarks/results/onnx.json.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import onnxruntime as ort
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import interleaved, median, table, write_json  # noqa: E402
+from common import interleaved, median, paired_ratio, table, write_json  # noqa: E402
 
 import aurora_fx  # noqa: E402
 from aurora_fx.export import to_onnx  # noqa: E402
@@ -66,7 +67,7 @@ def session(path: Path) -> ort.InferenceSession:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=60)
     args = parser.parse_args()
     torch.set_num_threads(2)
     example = {k: torch.from_numpy(v) for k, v in feeds(2).items()}
@@ -77,22 +78,24 @@ def main() -> None:
             exports[name] = {"export_seconds": result.seconds, "megabytes": result.bytes / 2**20,
                              "max_abs_diff": max(result.max_abs_diff.values()), "nodes": sum(result.op_counts.values())}
             sessions[name] = session(result.path)
-        latency = {}
+        latency, ratio = {}, {}
         for batch in (1, 8):
             data = feeds(batch)
             runs = interleaved({n: (lambda s=s, data=data: s.run(None, data)) for n, s in sessions.items()},
                                repeats=args.repeats, warmup=3)
             latency[batch] = {n: median(t) for n, t in runs.items()}
+            ratio[batch] = {n: paired_ratio(runs, n, "base") for n in runs}
     rows = []
     for name in sessions:
         rows.append((name, *(f"{1000 * latency[b][name]:.2f}" for b in (1, 8)),
-                     *(f"{latency[b][name] / latency[b]['base']:.3f}" for b in (1, 8)),
+                     *(f"{ratio[b][name]:.3f}" for b in (1, 8)),
                      f"{exports[name]['export_seconds']:.1f}", f"{exports[name]['megabytes']:.1f}",
                      exports[name]["nodes"], f"{exports[name]['max_abs_diff']:.1e}"))
     print(table(("model", "b1 ms", "b8 ms", "b1 vs base", "b8 vs base", "export s", "MiB", "nodes", "ORT diff"),
                 rows))
     path = write_json("onnx.json", {"repeats": args.repeats, "seq": SEQ, "exports": exports,
-                                    "median_latency_s": {str(b): v for b, v in latency.items()}})
+                                    "median_latency_s": {str(b): v for b, v in latency.items()},
+                                    "paired_ratio_to_base": {str(b): v for b, v in ratio.items()}})
     print(f"wrote {path}")
 
 

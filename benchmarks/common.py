@@ -40,6 +40,15 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
+def paired_ratio(times: dict[str, list[float]], name: str, reference: str) -> float:
+    """Median over rounds of ``time[name] / time[reference]`` measured in the same round.
+
+    Both ran within milliseconds of each other, so a slow spell of the shared machine cancels out
+    of each round's ratio instead of landing on one variant's median.
+    """
+    return statistics.median(a / b for a, b in zip(times[name], times[reference], strict=True))
+
+
 def table(header: tuple[str, ...], rows: list[tuple]) -> str:
     cells = [tuple(map(str, header))] + [tuple(map(str, r)) for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
