@@ -66,8 +66,8 @@ def test_claims_state_the_comparison_with_numbers():
     rows = [row("lora_r8", [0.90, 0.91, 0.92], 73728), row("aurora_r2", [0.93, 0.94, 0.95], 18672),
             row("aroma_r1", [0.80, 0.81, 0.82], 9216), row("peft_lora_r8", [0.905, 0.91, 0.915], 73728)]
     text = "\n".join(BQ.claims(rows))
-    assert "AuroRA r̃=2 0.940 [0.930, 0.950] with 18,672 adapter params beats LoRA r=8" in text
-    assert "AROMA r=1 0.810 [0.800, 0.820] with 9,216 adapter params falls short of" in text
+    assert "AuroRA r̃=2 0.940 [0.930, 0.950] with 18,672 adapter params beats (median +3.0 points) LoRA r=8" in text
+    assert "AROMA r=1 0.810 [0.800, 0.820] with 9,216 adapter params falls short (-10.0 points) of" in text
     assert "agree within the seed spread" in text
     assert "25.3% of its params" in text
 
@@ -126,3 +126,14 @@ def test_no_linear_map_of_any_rank_escapes_the_floor_of_a_nonlinear_rank_2_targe
 
 def test_format_fits_lists_every_student(fits):
     assert len(SY.format_fits(list(fits.values())).splitlines()) == 1 + len(fits)
+
+
+def test_matches_means_a_median_within_one_point_not_overlapping_ranges():
+    def row(method, accs):
+        return BQ.Row("tweets", method, 1e-3, {}, sorted(accs)[1], min(accs), max(accs), 10, 10, 1.0)
+
+    lora = row("lora_r8", [0.59, 0.624, 0.64])
+    close = BQ._compare("tweets", "X", row("aurora_r2", [0.608, 0.616, 0.62]), lora)
+    far = BQ._compare("tweets", "X", row("aroma_r1", [0.52, 0.544, 0.608]), lora)
+    assert "matches (median -0.8 points, within 1)" in close
+    assert "falls short (-8.0 points, seed ranges overlap) of" in far
