@@ -79,3 +79,24 @@ def test_train_summary_is_json(bbc_folder, tmp_path, capsys):
                  "--test-size", "10", "--out", str(tmp_path), "--quiet"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(summary) == {"accuracy_before", "accuracy_after", "train_seconds", "checkpoint"}
+
+
+def test_demo_trains_exports_and_checks_in_onnxruntime(tmp_path, capsys):
+    assert main(["demo", "--steps", "2", "--test-size", "16", "--out", str(tmp_path), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "held-out accuracy: before" in out and "onnxruntime vs PyTorch max abs diff" in out
+    assert "onnxruntime predictions agree with PyTorch on" in out
+    assert (tmp_path / "adapters.safetensors").is_file() and (tmp_path / "minilm_bbc_aurora.onnx").is_file()
+
+
+def test_inspect_renders_the_model_map_and_one_site(trained, capsys):
+    import xml.etree.ElementTree as ET
+
+    site = "bert.encoder.layer.0.attention.self.query"
+    assert main(["inspect", str(trained / "adapters.safetensors"), "--render", str(trained / "map.svg")]) == 0
+    svg = ET.parse(trained / "map.svg").getroot().itertext()
+    assert site in " ".join(svg) or site in (trained / "map.svg").read_text()
+    assert main(["inspect", str(trained / "adapters.safetensors"), "--site", site,
+                 "--render", str(trained / "site.png")]) == 0
+    assert (trained / "site.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "aurora_delta_add" in capsys.readouterr().out  # the site's rewritten graph code
