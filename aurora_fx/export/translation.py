@@ -8,15 +8,14 @@ function as METHODS §2.2's recursion and the fused kernel's gather form): with 
     B_k(z) = (relu(2h − |z − c_k|)³ − 4·relu(h − |z − c_k|)³) / (6h³)
 
 which is exact everywhere, is 0 outside the support and needs neither a Gather nor a mask.
-``z = x·Aᵀ``; the tanh branch ``tanh(tanh(z)·Hᵀ)`` and both spline halves are concatenated into one
-``(…, r + 2·r·(G+K))`` feature row that meets a single weight matrix
-
-    M = [ I_r ; Wsᵀ tiled over the r channels · 1/(6h³) ; the same · −4 ] · s·Bᵀ
-
-so σ, the channel sum ``S(z)``, ``W_s`` and the up-projection are one MatMul; ``out = base + …``.
-``M`` depends on initializers only, so onnxruntime folds it once at load. 13 runtime nodes per
-site: at these r̃-wide sizes onnxruntime's per-node dispatch costs more than the arithmetic. The
-spline runs in the graph's float type.
+``z = x·Aᵀ``; the spline branch is one MatMul of the cubes of both halves by
+``[Wsᵀ tiled over the r channels · 1/(6h³) ; the same · −4]`` (the channel sum ``S(z)`` and ``W_s``
+at once), added to the tanh branch ``tanh(tanh(z)·Hᵀ)``: ``σ``, r̃ wide; then
+``out = base + σ·(s·Bᵀ)``. The weight products depend on initializers only, so onnxruntime folds
+them once at load: 13 runtime nodes per site. Every MatMul keeps one side r̃ wide or narrow:
+onnxruntime's CPU GEMM pads the narrow output side to 16 columns, so a wide-K product such as
+``(N, 2·r·(G+K))·(…, d_out)`` costs as much as the whole spline. The spline runs in the graph's
+float type.
 
 ATen schema: ``aurora_fx::aurora_delta_add(Tensor base, Tensor x, Tensor A, Tensor B, Tensor H,
 Tensor Ws, float scale, float grid_lo, float grid_step) -> (Tensor, Tensor)``.
@@ -68,14 +67,15 @@ def spline_layout(rank: int, num_bases: int, grid_lo: float, grid_step: float):
     return expand, offsets, radii
 
 
-def _combined_up(Ws, B, scale: float, rank: int, num_bases: int, grid_step: float, dtype):
-    """``M`` of the module docstring, ``(r + 2·r·(G+K), d_out)``: initializers only, folded at load."""
+def _spline_weights(Ws, rank: int, grid_step: float, dtype):
+    """``(2·r·(G+K), r)``: ``Wsᵀ`` tiled over the r channels, times ``1/(6h³)`` and ``−4/(6h³)``.
+
+    Initializers only, folded by onnxruntime at load.
+    """
     per_channel = op.Tile(op.Transpose(Ws, perm=[1, 0]), op.Constant(value_ints=[rank, 1]))  # (r·nb, r)
     h3 = 6.0 * grid_step**3
-    spline_rows = op.Concat(op.Mul(per_channel, _const(1.0 / h3, dtype)),
-                            op.Mul(per_channel, _const(-4.0 / h3, dtype)), axis=0)
-    rows = op.Concat(_const(np.eye(rank), dtype), spline_rows, axis=0)
-    return op.MatMul(rows, op.Mul(op.Transpose(B, perm=[1, 0]), _const(scale, dtype)))
+    return op.Concat(op.Mul(per_channel, _const(1.0 / h3, dtype)), op.Mul(per_channel, _const(-4.0 / h3, dtype)),
+                     axis=0)
 
 
 def aurora_delta_add_onnx(base, x, A, B, H, Ws, scale: float, grid_lo: float, grid_step: float):
@@ -87,6 +87,6 @@ def aurora_delta_add_onnx(base, x, A, B, H, Ws, scale: float, grid_lo: float, gr
     fixed = op.Tanh(op.MatMul(op.Tanh(z), op.Transpose(H, perm=[1, 0])))
     distance = op.Abs(op.Add(op.MatMul(z, _const(expand, dtype)), _const(offsets, dtype)))
     cubes = op.Pow(op.Relu(op.Sub(_const(radii, dtype), distance)), _const(3.0, dtype))
-    features = op.Concat(fixed, cubes, axis=-1)
-    up = _combined_up(Ws, B, scale, rank, num_bases, grid_step, dtype)
-    return op.Add(base, op.MatMul(features, up)), z
+    sigma = op.Add(fixed, op.MatMul(cubes, _spline_weights(Ws, rank, grid_step, dtype)))  # (..., r)
+    up = op.Mul(op.Transpose(B, perm=[1, 0]), _const(scale, dtype))  # scale folded into the tiny factor
+    return op.Add(base, op.MatMul(sigma, up)), z
