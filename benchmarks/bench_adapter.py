@@ -11,7 +11,9 @@
    (exact, from saved-tensor hooks), and peak RSS (each variant in its own process).
 3. Inference: eager forward latency (eval, no_grad) with and without adapters.
 
-Variants run interleaved (A B C A B C ...). Prints tables; writes benchmarks/results/adapter.json.
+Variants run interleaved (A B C, then shuffled orders). Every ratio is the median over rounds of the
+ratio within a round (paired), so a slow spell of the shared machine cancels out. Prints tables;
+writes benchmarks/results/adapter.json.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import interleaved, median, table, write_json  # noqa: E402
+from common import interleaved, median, paired_ratio, table, write_json  # noqa: E402
 
 import aurora_fx  # noqa: E402
 from aurora_fx import functional as AF  # noqa: E402
@@ -68,7 +70,8 @@ def micro(repeats: int, n: int = 4096, d: int = 768, r: int = 2) -> dict:
                         repeats=repeats, warmup=3)
     med = {k: median(v) for k, v in times.items()}
     return {"n": n, "d": d, "rank": r, "median_ms": {k: 1000 * v for k, v in med.items()},
-            "fwd_bwd_speedup": med["unfused"] / med["fused"], "fwd_speedup": med["unfused_fwd"] / med["fused_fwd"]}
+            "fwd_bwd_speedup": paired_ratio(times, "unfused", "fused"),
+            "fwd_speedup": paired_ratio(times, "unfused_fwd", "fused_fwd")}
 
 
 # -- 2./3. MiniLM ---------------------------------------------------------------------------------
@@ -176,11 +179,13 @@ def training(repeats: int) -> dict:
     steps = {v: (lambda m=m, o=o: train_step(m, o, inputs)) for v, (m, o) in built.items()}
     times = interleaved(steps, repeats=repeats, warmup=2)
     med = {v: median(t) for v, t in times.items()}
+    ratios = {ref: {v: paired_ratio(times, v, ref) for v in VARIANTS} for ref in ("floor", "peft_lora_r8")}
     saved = {v: saved_activation_bytes(m, inputs) / 2**20 for v, (m, _) in built.items()}
     trainable = {v: sum(p.numel() for p in m.parameters() if p.requires_grad) for v, (m, _) in built.items()}
     rss = {v: peak_rss(v) for v in VARIANTS}
     eval_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-    return {"median_step_s": med, "runs_s": times, "saved_activations_mib": saved, "trainable_params": trainable,
+    return {"median_step_s": med, "paired_ratio": ratios, "runs_s": times, "saved_activations_mib": saved,
+            "trainable_params": trainable,
             "peak_rss": rss, "inference": inference(built, eval_inputs, repeats)}
 
 
@@ -198,7 +203,8 @@ def inference(built: dict, inputs: dict, repeats: int) -> dict:
         return fn
 
     times = interleaved({k: run(m) for k, m in models.items()}, repeats=repeats, warmup=2)
-    return {k: median(v) for k, v in times.items()}
+    return {"median_s": {k: median(v) for k, v in times.items()},
+            "paired_ratio_to_base": {k: paired_ratio(times, k, "base") for k in times}}
 
 
 def report(result: dict) -> None:
@@ -208,25 +214,23 @@ def report(result: dict) -> None:
     print(table(("path", "fwd+bwd ms", "fwd ms"), [
         ("unfused adapter subgraph", f"{ms['unfused']:.2f}", f"{ms['unfused_fwd']:.2f}"),
         ("fused aurora_delta_add", f"{ms['fused']:.2f}", f"{ms['fused_fwd']:.2f}"),
-        ("speed-up (unfused / fused)", f"{mi['fwd_bwd_speedup']:.2f}x", f"{mi['fwd_speedup']:.2f}x")]))
+        ("speed-up (paired, unfused / fused)", f"{mi['fwd_bwd_speedup']:.2f}x", f"{mi['fwd_speedup']:.2f}x")]))
     if "training" not in result:
         return
     tr = result["training"]
-    floor, peft = tr["median_step_s"]["floor"], tr["median_step_s"]["peft_lora_r8"]
     print("\n2. Training step, MiniLM-L6 real weights, seq 128, batch 16, query/value, AdamW")
     rows = []
     for v in VARIANTS:
-        step = tr["median_step_s"][v]
-        rss = tr["peak_rss"][v]
-        rows.append((v, f"{tr['trainable_params'][v]:,}", f"{1000 * step:.0f}", f"{step / floor:.3f}",
-                     f"{step / peft:.3f}", f"{tr['saved_activations_mib'][v]:.1f}", f"{rss['peak_rss_mib']:.0f}",
-                     f"{rss['rise_mib']:.0f}"))
+        step, rss, ratio = tr["median_step_s"][v], tr["peak_rss"][v], tr["paired_ratio"]
+        rows.append((v, f"{tr['trainable_params'][v]:,}", f"{1000 * step:.0f}", f"{ratio['floor'][v]:.3f}",
+                     f"{ratio['peft_lora_r8'][v]:.3f}", f"{tr['saved_activations_mib'][v]:.1f}",
+                     f"{rss['peak_rss_mib']:.0f}", f"{rss['rise_mib']:.0f}"))
     print(table(("variant", "trainable", "step ms", "vs floor", "vs PEFT LoRA", "saved act. MiB",
                  "peak RSS MiB", "RSS rise MiB"), rows))
     inf = tr["inference"]
     print("\n3. Eager inference, batch 16, seq 128 (no_grad)")
     print(table(("model", "forward ms", "vs base"),
-                [(k, f"{1000 * v:.1f}", f"{v / inf['base']:.3f}") for k, v in inf.items()]))
+                [(k, f"{1000 * v:.1f}", f"{inf['paired_ratio_to_base'][k]:.3f}") for k, v in inf["median_s"].items()]))
 
 
 def main() -> None:
@@ -241,7 +245,7 @@ def main() -> None:
         return
     torch.set_num_threads(2)
     repeats = 3 if args.quick else args.repeats
-    result = {"repeats": repeats, "micro": micro(max(repeats, 10) * 2)}
+    result = {"repeats": repeats, "micro": micro(max(repeats, 10) * 4)}
     if not args.micro_only:
         result["training"] = training(repeats)
     report(result)
