@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aurora_fx import functional as AF
-from aurora_fx.ops.aurora_delta import aurora_delta_add, spline_terms
+from aurora_fx.ops.aurora_delta import aurora_delta_add, spline_basis
 from tests.conftest import TOLERANCES
 
 OP = torch.ops.aurora_fx.aurora_delta_add.default
@@ -28,10 +28,16 @@ def _reference(base, x, A, B, H, Ws, scale=2.0):
 
 
 def test_closed_form_basis_equals_the_recursion():
-    z = torch.linspace(-3, 3, 601, dtype=torch.float64)
-    idx, w, _, _ = spline_terms(z, -1.0, 0.4, 8)
-    dense = torch.zeros(z.numel(), 14, dtype=torch.float64).scatter_add_(1, idx, w)[:, 3:11]
-    torch.testing.assert_close(dense, AF.bspline_basis(z, KNOTS), rtol=0, atol=1e-14)
+    z = torch.cat([torch.linspace(-3, 3, 601, dtype=torch.float64), KNOTS, KNOTS + 1e-9, KNOTS - 1e-9])
+    basis, _ = spline_basis(z, -1.0, 0.4, 8)
+    torch.testing.assert_close(basis, AF.bspline_basis(z, KNOTS), rtol=0, atol=1e-14)
+
+
+def test_closed_form_slope_is_the_derivative_of_the_recursion():
+    z = torch.linspace(-3, 3, 601, dtype=torch.float64).requires_grad_()
+    expected = torch.stack([torch.autograd.grad(AF.bspline_basis(z, KNOTS)[:, k].sum(), z)[0] for k in range(8)], -1)
+    _, slope = spline_basis(z.detach(), -1.0, 0.4, 8, derivative=True)
+    torch.testing.assert_close(slope, expected, rtol=0, atol=1e-12)
 
 
 def test_forward_matches_the_oracle_in_float64():
