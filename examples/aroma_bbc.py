@@ -31,7 +31,8 @@ def run(method: str, args, train_enc, test_enc, tokenizer_free_model_factory):
     torch.manual_seed(args.seed)
     model = tokenizer_free_model_factory()
     if method == "aroma":
-        aurora_fx.apply(model, AROMA_PATTERN, method="aroma", rank=1, alpha=4.0, trainable_modules="classifier")
+        aurora_fx.apply(model, AROMA_PATTERN, method="aroma", rank=1, alpha=4.0, dropout=args.dropout,
+                        trainable_modules="classifier")
     else:
         aurora_fx.apply(model, "query|value", method="lora", rank=8, alpha=16.0, trainable_modules="classifier")
     adapter_params = sum(a.trainable_params for a in aurora_fx.adapters(model))
@@ -88,6 +89,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--t-in", type=int, default=50, help="AROMA inner-loop cap T_in")
     parser.add_argument("--eps-out", type=float, default=5e-3)
+    parser.add_argument("--dropout", type=float, default=0.1, help="AROMA input dropout (LoRA here uses 0)")
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--test-size", type=int, default=400)
     parser.add_argument("--seed", type=int, default=0)
