@@ -2,8 +2,10 @@
 
 AROMA (rank-1 pieces on q, k, v, o, ffn-in, ffn-out: 41,472 initial trainable adapter
 parameters) grows each layer's rank with ``AromaController``; LoRA r=8 on q, v (73,728) is the
-baseline. Both also train the new 5-way head. Prints held-out accuracy, the rank per layer and
-the trainable-parameter curve, and saves a PNG of rank growth.
+baseline. Both also train the new 5-way head, with the same steps, learning rate and no adapter
+dropout (AROMA's library default is 0.1, the official code's; at this 300-step budget it costs
+AROMA 2 points: 0.940 vs 0.960 held-out). Prints held-out accuracy, the rank per layer and the
+trainable-parameter curve, and saves a PNG of rank growth.
 
     python examples/aroma_bbc.py --steps 300 --out out/aroma_bbc
 """
@@ -89,7 +91,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--t-in", type=int, default=50, help="AROMA inner-loop cap T_in")
     parser.add_argument("--eps-out", type=float, default=5e-3)
-    parser.add_argument("--dropout", type=float, default=0.1, help="AROMA input dropout (LoRA here uses 0)")
+    parser.add_argument("--dropout", type=float, default=0.0,
+                        help="AROMA input dropout: 0 like the LoRA baseline (the library default is 0.1)")
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--test-size", type=int, default=400)
     parser.add_argument("--seed", type=int, default=0)
