@@ -2,7 +2,7 @@
 
 The exporter (``torch.onnx.export(dynamo=True)``) calls ``aurora_delta_add_onnx`` through its
 ``custom_translation_table``. The cubic B-spline is written in its symmetric closed form (the same
-function as METHODS §2.2's recursion and the fused kernel's gather form): with centres
+function as METHODS §2.2's recursion and the fused kernel's ``spline_basis``): with centres
 ``c_k = t_{k+2}`` and spacing ``h``,
 
     B_k(z) = (relu(2h − |z − c_k|)³ − 4·relu(h − |z − c_k|)³) / (6h³)
@@ -57,8 +57,9 @@ def _static_dims(Ws) -> tuple[int, int]:
 def spline_layout(rank: int, num_bases: int, grid_lo: float, grid_step: float):
     """Constants of the closed-form spline: expansion ``E``, offsets and radii for ``2·r·(G+K)`` columns.
 
-    Column ``(p, i, k)`` (``p`` the half, ``i`` the channel, ``k`` the basis) holds
-    ``radius_p − |z_i − c_k|`` with ``radius = (2h, h)``; ``E`` is ``(r, 2·r·(G+K))``.
+    Column ``(p, i, k)`` of ``z·E + offsets`` (``p`` the half, ``i`` the channel, ``k`` the basis)
+    is ``z_i − c_k``; its term is ``relu(radius_p − |z_i − c_k|)³`` with ``radius = (2h, h)``.
+    ``E`` is ``(r, 2·r·(G+K))``.
     """
     centres = grid_lo + (np.arange(num_bases) + 2 - ORDER) * grid_step  # c_k = t_{k+2}
     expand = np.kron(np.ones((1, 2)), np.kron(np.eye(rank), np.ones((1, num_bases))))
