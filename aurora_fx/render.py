@@ -102,8 +102,10 @@ def render_site(report: AdapterReport, site: str, path: str | os.PathLike) -> Pa
     width = max(6.0, 1.7 * (1 + max(d["layer"] for _, d in graph.nodes(data=True))))
     height = 1.2 + 1.1 * (max(y for _, y in pos.values()) - min(y for _, y in pos.values()) + 1)
     fig, ax = plt.subplots(figsize=(width, height))
-    nx.draw_networkx_edges(graph, pos, ax=ax, arrows=True, arrowsize=12, edge_color="#777777", node_size=2600,
-                           node_shape="s")
+    for skip in (False, True):  # an edge that skips a layer on the same row (x into the fused op) arcs over
+        edges = [(u, v) for u, v in graph.edges if (pos[u][1] == pos[v][1] and pos[v][0] - pos[u][0] > 1) == skip]
+        nx.draw_networkx_edges(graph, pos, edgelist=edges, ax=ax, arrows=True, arrowsize=12, edge_color="#777777",
+                               node_size=2600, node_shape="s", connectionstyle="arc3,rad=-0.35" if skip else "arc3")
     for node, d in graph.nodes(data=True):
         x, y = pos[node]
         ax.text(x, y, d["label"], ha="center", va="center", fontsize=7, gid=f"node:{node}",
