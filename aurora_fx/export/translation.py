@@ -27,7 +27,7 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript import opset18 as op
 
-from aurora_fx.ops.aurora_delta import ORDER
+from aurora_fx.ops.aurora_delta import first_centre
 
 __all__ = ["aurora_delta_add_onnx", "spline_layout"]
 
@@ -61,7 +61,7 @@ def spline_layout(rank: int, num_bases: int, grid_lo: float, grid_step: float):
     is ``z_i − c_k``; its term is ``relu(radius_p − |z_i − c_k|)³`` with ``radius = (2h, h)``.
     ``E`` is ``(r, 2·r·(G+K))``.
     """
-    centres = grid_lo + (np.arange(num_bases) + 2 - ORDER) * grid_step  # c_k = t_{k+2}
+    centres = first_centre(grid_lo, grid_step) + np.arange(num_bases) * grid_step  # c_k = t_{k+2}
     expand = np.kron(np.ones((1, 2)), np.kron(np.eye(rank), np.ones((1, num_bases))))
     offsets = np.tile(-centres, 2 * rank)
     radii = np.repeat([2 * grid_step, grid_step], rank * num_bases)

@@ -27,9 +27,14 @@ from torch import Tensor
 
 from aurora_fx.functional import spline_dtype
 
-__all__ = ["aurora_delta_add", "spline_basis"]
+__all__ = ["aurora_delta_add", "spline_basis", "first_centre"]
 
 ORDER = 3  # the only spline order the fused kernel implements
+
+
+def first_centre(grid_lo: float, grid_step: float) -> float:
+    """Centre ``c_0 = t_2`` of the first cubic basis; ``c_k = c_0 + k·h``."""
+    return grid_lo + (2 - ORDER) * grid_step
 
 
 def spline_basis(z: Tensor, grid_lo: float, grid_step: float, num_bases: int,
@@ -46,8 +51,7 @@ def spline_basis(z: Tensor, grid_lo: float, grid_step: float, num_bases: int,
     scatter. Returns ``(basis, derivative or None)``, each ``(..., G+K)`` per element of ``z``.
     """
     zs = z.to(spline_dtype(z.dtype))
-    first = grid_lo + (2 - ORDER) * grid_step
-    centres = torch.arange(num_bases, dtype=zs.dtype, device=z.device) * grid_step + first
+    centres = torch.arange(num_bases, dtype=zs.dtype, device=z.device) * grid_step + first_centre(grid_lo, grid_step)
     v = zs.unsqueeze(-1) - centres
     dist = v.abs()
     outer = (2 * grid_step - dist).clamp_min_(0)
