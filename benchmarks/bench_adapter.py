@@ -185,8 +185,7 @@ def training(repeats: int) -> dict:
     rss = {v: peak_rss(v) for v in VARIANTS}
     eval_inputs = {k: v for k, v in inputs.items() if k != "labels"}
     return {"median_step_s": med, "paired_ratio": ratios, "runs_s": times, "saved_activations_mib": saved,
-            "trainable_params": trainable,
-            "peak_rss": rss, "inference": inference(built, eval_inputs, repeats)}
+            "trainable_params": trainable, "peak_rss": rss, "inference": inference(built, eval_inputs, repeats)}
 
 
 def inference(built: dict, inputs: dict, repeats: int) -> dict:

@@ -22,6 +22,8 @@ H ``(r, r)``, Ws ``(r, G+3)``; z ``(..., r)``.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
@@ -63,12 +65,24 @@ def spline_basis(z: Tensor, grid_lo: float, grid_step: float, num_bases: int,
     return basis, slope
 
 
-def _anl_forward(z: Tensor, H: Tensor, Ws: Tensor, grid_lo: float, grid_step: float) -> Tensor:
-    """σ(z) in z's dtype: tanh branch plus the spline branch ``S(z)·Wsᵀ``."""
-    fixed = torch.tanh(torch.tanh(z) @ H.t())  # (N, r)
-    basis, _ = spline_basis(z, grid_lo, grid_step, Ws.shape[1])  # (N, r, G+K)
-    learnable = basis.sum(-2) @ Ws.t().to(basis.dtype)  # (N, r)
-    return fixed + learnable.to(z.dtype)
+class _Anl(NamedTuple):
+    """σ(z) and the pieces of it the backward reuses (all ``(N, ·)``)."""
+
+    sigma: Tensor  # (N, r) in z's dtype
+    tanh_z: Tensor  # tanh(z)
+    fixed: Tensor  # tanh(tanh(z)·Hᵀ)
+    summed: Tensor  # S(z) = Σ_i basis(z_i), (N, G+K), spline dtype
+    slope: Tensor | None  # basis'(z_i), (N, r, G+K), when asked for
+
+
+def _anl(z: Tensor, H: Tensor, Ws: Tensor, grid_lo: float, grid_step: float, derivative: bool = False) -> _Anl:
+    """σ(z): tanh branch plus the spline branch ``S(z)·Wsᵀ`` (the one place both passes compute it)."""
+    tanh_z = torch.tanh(z)
+    fixed = torch.tanh(tanh_z @ H.t())  # (N, r)
+    basis, slope = spline_basis(z, grid_lo, grid_step, Ws.shape[1], derivative)  # (N, r, G+K)
+    summed = basis.sum(-2)
+    sigma = fixed + (summed @ Ws.t().to(summed.dtype)).to(z.dtype)
+    return _Anl(sigma, tanh_z, fixed, summed, slope)
 
 
 @torch.library.custom_op("aurora_fx::aurora_delta_add", mutates_args=())
@@ -83,7 +97,7 @@ def aurora_delta_add(
     # would make the autograd wrapper clone the whole (N, d_out) output.
     z = x.new_empty(*x.shape[:-1], r)
     torch.mm(x2, A.t(), out=z.view(-1, r))  # (N, r)
-    sigma = _anl_forward(z.view(-1, r), H, Ws, grid_lo, grid_step)  # (N, r)
+    sigma = _anl(z.view(-1, r), H, Ws, grid_lo, grid_step).sigma  # (N, r)
     base2 = base.reshape(-1, d_out)
     up = (B * scale).t().contiguous()  # (r, d_out), scale folded into the tiny factor
     out = torch.empty_like(base, memory_format=torch.contiguous_format)
@@ -112,12 +126,8 @@ def _backward(ctx, grad_out: Tensor, grad_z: Tensor | None):
     need = ctx.needs_input_grad
     x2, z2, g = x.reshape(-1, d_in), z.reshape(-1, r), grad_out.reshape(-1, d_out)
     # Recompute the cheap N×r pieces of the forward.
-    a = torch.tanh(z2)
-    f = torch.tanh(a @ H.t())
-    basis, slope = spline_basis(z2, grid_lo, grid_step, Ws.shape[1], derivative=True)  # (N, r, G+K) each
-    summed = basis.sum(-2)  # S(z), (N, G+K)
-    ws = Ws.to(basis.dtype)
-    sigma = f + (summed @ ws.t()).to(z2.dtype)
+    sigma, a, f, summed, slope = _anl(z2, H, Ws, grid_lo, grid_step, derivative=True)
+    ws = Ws.to(summed.dtype)
     # Skinny GEMMs are fast on CPU only in the "(N,d)·(d,r) with a transposed (r,d) operand" and
     # "(r,N)·(N,d)" layouts (up to 8x faster than the naive forms), so the operands are arranged so.
     g_sigma = (g @ B.t().contiguous().t()).to(z2.dtype) * scale  # (N, r)
@@ -127,7 +137,7 @@ def _backward(ctx, grad_out: Tensor, grad_z: Tensor | None):
     grad_H = g_pre.t() @ a if need[4] else None
     g_z = (g_pre @ H) * (1 - a * a)
     # Spline branch: l = S(z)·Wsᵀ with S(z) = Σ_i basis(z_i).
-    gs = g_sigma.to(basis.dtype)
+    gs = g_sigma.to(summed.dtype)
     g_summed = gs @ ws  # (N, G+K)
     g_z = g_z + (slope * g_summed.unsqueeze(-2)).sum(-1).to(z2.dtype)
     grad_Ws = (gs.t() @ summed).to(Ws.dtype) if need[5] else None
