@@ -8,12 +8,14 @@ Example:
 """
 
 from aurora_fx import export
+from aurora_fx.aroma import AromaCallback, AromaController
 from aurora_fx.checkpoint import load_adapters, save_adapters
 from aurora_fx.config import AromaConfig, AuroraConfig, LoraConfig
 from aurora_fx.inventory import adapters, trainable_parameters
 from aurora_fx.passes.match import find_sites as sites
 from aurora_fx.peft_import import load_peft_lora
 from aurora_fx.records import AdapterInfo, Site, SiteTable
+from aurora_fx.registry import register_adapter
 from aurora_fx.report import AdapterReport, inspect
 from aurora_fx.surgery import apply, disable_adapters, merge, unload
 
@@ -32,6 +34,9 @@ __all__ = [
     "load_peft_lora",
     "inspect",
     "AdapterReport",
+    "AromaController",
+    "AromaCallback",
+    "register_adapter",
     "export",
     "AuroraConfig",
     "LoraConfig",

@@ -25,15 +25,18 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from aurora_fx import functional as AF
-from aurora_fx.inventory import adapter_modules
-from aurora_fx.modules import AromaAdapter
-from aurora_fx.owners import iter_owners
-from aurora_fx.tracing import owner_state
+from aurora_fx.config import AromaConfig
+from aurora_fx.owners import iter_bindings
+from aurora_fx.records import weight_out_in
+
+if TYPE_CHECKING:
+    from aurora_fx.methods.aroma import AromaAdapter
 
 __all__ = ["AromaController", "AromaLR", "AromaCallback", "SiteRank", "OuterStep"]
 
@@ -114,8 +117,7 @@ class _Track:
 
     path: str
     adapter: AromaAdapter
-    weight: torch.Tensor
-    layout: str
+    weight: torch.Tensor  # the base weight as (d_out, d_in), a view
     wnorm2: float
     snap: tuple[torch.Tensor, torch.Tensor] | None = None
     stabilized: bool = False
@@ -212,13 +214,12 @@ class AromaController:
 
     @staticmethod
     def _collect(model: nn.Module) -> list[_Track]:
-        weights = {b.site: (gm._parameters[b.param], b.layout) for _, gm in iter_owners(model)
-                   for b in owner_state(gm).bindings}
         tracks = []
-        for site, _, adapter in adapter_modules(model):
-            if isinstance(adapter, AromaAdapter):
-                weight, layout = weights[site]
-                tracks.append(_Track(site, adapter, weight, layout, _weff_norm2(adapter, weight, layout),
+        for _, gm, b in iter_bindings(model):
+            adapter = gm.get_submodule(b.attr)
+            if isinstance(adapter.config, AromaConfig):
+                weight = weight_out_in(gm._parameters[b.param], b.layout)
+                tracks.append(_Track(b.site, adapter, weight, _weff_norm2(adapter, weight),
                                      converged=adapter.frozen, merges=adapter.merged_rank // adapter.config.rank))
         if not tracks:
             raise ValueError("AromaController needs AROMA adapters, and this model has none; call "
@@ -307,7 +308,7 @@ class AromaController:
 
     def _merge(self, t: _Track, gen: torch.Generator) -> None:
         a = t.adapter
-        t.wnorm2 = _weff_norm2_after_merge(t.wnorm2, a, t.weight, t.layout)
+        t.wnorm2 = _weff_norm2_after_merge(t.wnorm2, a, t.weight)
         a.merge_active(gen)
         t.merges += 1
         t.snap, t.stabilized = None, False
@@ -374,27 +375,26 @@ class AromaController:
         self.all_converged = self.patience
 
 
-def _apply_weight(weight: torch.Tensor, layout: str, a: torch.Tensor) -> torch.Tensor:
-    """``W0·aᵀ`` (m×r) for weights stored ``out_in`` or ``in_out``: a matrix-vector product."""
+def _apply_weight(weight: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """``W0·aᵀ`` (m×r) for a ``(d_out, d_in)`` weight view: a matrix-vector product."""
     w = weight.detach()
-    a = a.to(w.dtype)  # multiply in the weight's dtype: no m×n float64 copy of W
-    return (w @ a.t() if layout == "out_in" else (a @ w).t()).double()
+    return (w @ a.to(w.dtype).t()).double()  # in the weight's dtype: no m×n float64 copy of W
 
 
-def _weff_norm2(adapter: AromaAdapter, weight: torch.Tensor, layout: str) -> float:
+def _weff_norm2(adapter: AromaAdapter, weight: torch.Tensor) -> float:
     """``‖W0 + U·V‖²_F`` once at start (``‖W0‖²`` plus Gram traces; U·V never formed)."""
     w2 = torch.linalg.vector_norm(weight.detach(), dtype=torch.float64).item() ** 2
     if adapter.merged_rank == 0:
         return w2
     U, V = adapter.U.double(), adapter.V.double()
-    cross = torch.trace(U.t() @ _apply_weight(weight, layout, V)).item()
+    cross = torch.trace(U.t() @ _apply_weight(weight, V)).item()
     return w2 + 2 * cross + AF.lowrank_norm2(U, V).item()
 
 
-def _weff_norm2_after_merge(wnorm2: float, adapter: AromaAdapter, weight: torch.Tensor, layout: str) -> float:
+def _weff_norm2_after_merge(wnorm2: float, adapter: AromaAdapter, weight: torch.Tensor) -> float:
     """``‖W_eff + s·b·a‖² = ‖W_eff‖² + 2s·tr(bᵀ·W_eff·aᵀ) + ‖s·b·a‖²`` (METHODS §3.4)."""
     s, a, b = adapter.scale, adapter.A.detach().double(), adapter.B.detach().double()
-    weff_at = _apply_weight(weight, layout, a) + adapter.U.double() @ (adapter.V.double() @ a.t())  # (m, r)
+    weff_at = _apply_weight(weight, a) + adapter.U.double() @ (adapter.V.double() @ a.t())  # (m, r)
     return wnorm2 + 2 * s * torch.trace(b.t() @ weff_at).item() + s * s * AF.lowrank_norm2(b, a).item()
 
 

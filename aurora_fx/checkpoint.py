@@ -28,14 +28,18 @@ from safetensors.torch import save as safetensors_save
 from torch import nn
 
 from aurora_fx.atomic import atomic_write_bytes
-from aurora_fx.config import AdapterConfig, config_from_dict
-from aurora_fx.owners import iter_owners
+from aurora_fx.attach import attach, resolve_trainable
+from aurora_fx.config import AdapterConfig
+from aurora_fx.model_state import model_state
+from aurora_fx.owners import iter_bindings
+from aurora_fx.passes.check import require
 from aurora_fx.passes.match import find_sites
-from aurora_fx.records import Site
-from aurora_fx.surgery import SiteRequest, commit, plan_owners, resolve_trainable
-from aurora_fx.tracing import get_submodule, owner_state
+from aurora_fx.records import Site, SiteRequest
+from aurora_fx.registry import config_from_dict
+from aurora_fx.tracing import get_submodule
 
-__all__ = ["save_adapters", "load_adapters", "read_checkpoint", "Checkpoint", "CheckpointError", "FORMAT"]
+__all__ = ["save_adapters", "load_adapters", "read_checkpoint", "Checkpoint", "CheckpointError", "FORMAT",
+           "load_module_tensors", "copy_values"]
 
 FORMAT = "aurora_fx.adapters"
 FORMAT_VERSION = 1
@@ -79,11 +83,6 @@ def _resolve(path: str | os.PathLike) -> Path:
     return path / DEFAULT_NAME if path.is_dir() or path.suffix == "" else path
 
 
-def _site_state(adapter: nn.Module) -> dict[str, Any]:
-    state = getattr(adapter, "checkpoint_state", None)
-    return state() if callable(state) else {}
-
-
 def save_adapters(model: nn.Module, path: str | os.PathLike, *, extra: dict[str, Any] | None = None) -> Path:
     """Write the adapters (and ``trainable_modules`` parameters) of ``model`` to ``path``.
 
@@ -100,20 +99,19 @@ def save_adapters(model: nn.Module, path: str | os.PathLike, *, extra: dict[str,
     """
     target = _resolve(path)
     tensors, sites = {}, []
-    for _, gm in iter_owners(model):
-        state = owner_state(gm)
-        for b in state.bindings:
-            adapter = gm.get_submodule(b.attr)
-            for name, t in _adapter_tensors(adapter).items():
-                tensors[f"adapters/{b.site}/{name}"] = t
-            sites.append({
-                "path": b.site, "owner": _owner_path(model, gm), "param": b.param, "kind": b.kind,
-                "layout": b.layout, "in_features": adapter.in_features, "out_features": adapter.out_features,
-                "config": adapter.config.to_dict(), "state": _site_state(adapter),
-            })
+    for owner, gm, b in iter_bindings(model):
+        adapter = gm.get_submodule(b.attr)
+        for name, t in adapter.stored_tensors().items():
+            tensors[f"adapters/{b.site}/{name}"] = t
+        sites.append({
+            "path": b.site, "owner": owner, "param": b.param, "kind": b.kind,
+            "layout": b.layout, "in_features": adapter.in_features, "out_features": adapter.out_features,
+            "config": adapter.config.to_dict(), "state": adapter.state(),
+        })
     if not sites:
         raise ValueError("model has no aurora_fx adapters to save; call aurora_fx.apply(model, pattern) first")
-    trainable = tuple(getattr(model, "_aurora_fx_trainable_modules", ()))
+    state = model_state(model)
+    trainable = state.trainable_modules if state is not None else ()
     for module_path in trainable:
         for name, p in get_submodule(model, module_path).named_parameters():
             tensors[f"modules/{module_path}.{name}"] = p
@@ -123,16 +121,6 @@ def save_adapters(model: nn.Module, path: str | os.PathLike, *, extra: dict[str,
                             metadata={_META_KEY: json.dumps(meta)})
     atomic_write_bytes(target, data)
     return target
-
-
-def _adapter_tensors(adapter: nn.Module) -> dict[str, torch.Tensor]:
-    out = dict(adapter.named_parameters(recurse=False))
-    out.update({n: b for n, b in adapter.named_buffers(recurse=False) if n in adapter.state_dict()})
-    return out
-
-
-def _owner_path(model: nn.Module, gm: nn.Module) -> str:
-    return next(path for path, m in model.named_modules() if m is gm)
 
 
 def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
@@ -180,8 +168,10 @@ def _parse(target: Path, meta: dict[str, Any], tensors: dict[str, torch.Tensor])
 def load_adapters(model: nn.Module, path: str | os.PathLike, *, fuse: bool = True) -> nn.Module:
     """Rebuild the checkpoint's adapters on ``model`` (a fresh base model; no prior ``apply``).
 
-    Everything is checked first: each site must exist with the same shape and be free, and
-    every tensor must have the shape the model needs. Only then is the model changed.
+    Steps: read → find the checkpoint's sites → check → attach (fill each adapter from the file)
+    → load the ``trainable_modules`` weights. Everything is validated before the model changes:
+    each site must exist with the same shape and be free, and every tensor must have the shape
+    the model needs.
 
     Raises:
         CheckpointError: The file is unreadable, or a site or tensor does not fit the model
@@ -192,21 +182,17 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, *, fuse: bool = Tru
         >>> aurora_fx.load_adapters(model, "runs/bbc")
     """
     ckpt = read_checkpoint(path)
-    requests = _match_sites(model, ckpt)
-    plans = plan_owners(model, requests, fuse)
-    for plan in plans:
-        for b in plan.new_bindings:
-            _fill_adapter(plan.module.get_submodule(b.attr), b.site, ckpt)
-    module_tensors = _check_module_tensors(model, ckpt)
+    requests = _requests(model, ckpt)
+    require(requests, CheckpointError, f"checkpoint {str(ckpt.path)!r}:")
+    modules = {k[len("modules/"):]: v for k, v in ckpt.tensors.items() if k.startswith("modules/")}
+    values = load_module_tensors(model, modules, "checkpoint tensor modules/")
     trainable = resolve_trainable(model, [f"^{re.escape(m)}$" for m in ckpt.trainable_modules] or None)
-    commit(model, plans, trainable)
-    with torch.no_grad():
-        for param, value in module_tensors:
-            param.copy_(value)
+    attach(model, requests, lambda site, adapter: _fill_adapter(adapter, site, ckpt), trainable, fuse=fuse)
+    copy_values(values)
     return model
 
 
-def _match_sites(model: nn.Module, ckpt: Checkpoint) -> list[SiteRequest]:
+def _requests(model: nn.Module, ckpt: Checkpoint) -> list[SiteRequest]:
     wanted = {e.path: e for e in ckpt.sites}
     table = find_sites(model, lambda p, m: p in wanted)
     found = {s.path: s for s in table.matched}
@@ -217,17 +203,12 @@ def _match_sites(model: nn.Module, ckpt: Checkpoint) -> list[SiteRequest]:
             some = ", ".join(s.path for s in list(table)[:12])
             raise CheckpointError(f"checkpoint site {entry.path!r} does not exist in this {type(model).__name__} "
                                   f"(saved from {ckpt.model_class}); its sites include: {some}")
-        _check_site(entry, site)
+        _check_shape(entry, site)
         requests.append(SiteRequest(site, entry.config))
     return requests
 
 
-def _check_site(entry: SiteEntry, site: Site) -> None:
-    if site.adapted:
-        raise CheckpointError(f"site {site.path!r} already has an adapter ({site.adapted}); load onto a fresh "
-                              f"base model or call aurora_fx.unload(model) first")
-    if site.reason:
-        raise CheckpointError(f"site {site.path!r} cannot take an adapter: {site.reason}")
+def _check_shape(entry: SiteEntry, site: Site) -> None:
     if (entry.in_features, entry.out_features) != (site.in_features, site.out_features):
         raise CheckpointError(
             f"checkpoint site {entry.path!r} was saved for in_features={entry.in_features}, "
@@ -239,10 +220,8 @@ def _fill_adapter(adapter: nn.Module, site: str, ckpt: Checkpoint) -> None:
     prefix = f"adapters/{site}/"
     entry = next(e for e in ckpt.sites if e.path == site)
     given = {k[len(prefix):]: v for k, v in ckpt.tensors.items() if k.startswith(prefix)}
-    restore = getattr(adapter, "restore_state", None)
-    if callable(restore):
-        restore(entry.state, given)
-    expected = _adapter_tensors(adapter)
+    adapter.load_state(entry.state, given)
+    expected = adapter.stored_tensors()
     missing = sorted(set(expected) - set(given))
     if missing:
         raise CheckpointError(f"checkpoint lacks tensor(s) {[prefix + m for m in missing]} for site {site!r}")
@@ -262,19 +241,28 @@ def _fill_adapter(adapter: nn.Module, site: str, ckpt: Checkpoint) -> None:
             target.copy_(value.to(dtype=target.dtype, device=target.device))
 
 
-def _check_module_tensors(model: nn.Module, ckpt: Checkpoint) -> list[tuple[nn.Parameter, torch.Tensor]]:
+def load_module_tensors(model: nn.Module, tensors: dict[str, torch.Tensor],
+                        what: str = "tensor") -> list[tuple[nn.Parameter, torch.Tensor]]:
+    """Match ``name → tensor`` to ``model``'s parameters, checking names and shapes (no copy yet).
+
+    Raises:
+        CheckpointError: A name the model lacks, or a shape it does not have (named).
+    """
     params = dict(model.named_parameters())
     out = []
-    for key, value in ckpt.tensors.items():
-        if not key.startswith("modules/"):
-            continue
-        name = key[len("modules/"):]
+    for name, value in tensors.items():
         param = params.get(name)
         if param is None:
-            raise CheckpointError(f"checkpoint tensor {key!r} has no parameter {name!r} in this {type(model).__name__}")
+            raise CheckpointError(f"{what}{name!r} has no parameter {name!r} in this {type(model).__name__}")
         if param.shape != value.shape:
-            raise CheckpointError(f"checkpoint tensor {key!r} has shape {tuple(value.shape)} but the model's "
-                                  f"{name!r} has shape {tuple(param.shape)}; e.g. a head with another number of labels")
+            raise CheckpointError(f"{what}{name!r} has shape {tuple(value.shape)} but the model's {name!r} has "
+                                  f"shape {tuple(param.shape)}; e.g. a head with another number of labels")
         out.append((param, value.to(dtype=param.dtype, device=param.device)))
     return out
 
+
+@torch.no_grad()
+def copy_values(pairs: list[tuple[nn.Parameter, torch.Tensor]]) -> None:
+    """Write the values matched by ``load_module_tensors`` into their parameters."""
+    for param, value in pairs:
+        param.copy_(value)

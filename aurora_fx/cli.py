@@ -132,6 +132,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``aurora-fx``."""
+    from aurora_fx.registry import method_names
+
     parser = argparse.ArgumentParser(prog="aurora-fx", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -151,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune a sequence classifier and save the adapter checkpoint")
     p.add_argument("model", help="minilm | HF folder")
     p.add_argument("data", help="bbc | tweets | folder of <label>/*.txt | CSV with text,label columns")
-    p.add_argument("--method", choices=["aurora", "lora", "aroma"], default="aurora")
+    p.add_argument("--method", choices=method_names(), default="aurora")
     p.add_argument("--pattern", default="query|value")
     p.add_argument("--rank", type=int, default=None)
     p.add_argument("--alpha", type=float, default=None)

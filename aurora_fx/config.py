@@ -1,7 +1,8 @@
 """Frozen, validated adapter configs: one small dataclass per method.
 
 Each config is validated once in ``__post_init__``, never mutated, and round-trips through JSON
-(``to_dict`` / ``config_from_dict``) so that checkpoints can rebuild their adapters.
+(``to_dict`` / ``aurora_fx.registry.config_from_dict``) so that checkpoints can rebuild their
+adapters. The name → config → adapter table lives in ``aurora_fx.registry``.
 
 Example:
     >>> from aurora_fx.config import AuroraConfig
@@ -16,15 +17,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-__all__ = [
-    "AdapterConfig",
-    "LoraConfig",
-    "AuroraConfig",
-    "AromaConfig",
-    "METHODS",
-    "make_config",
-    "config_from_dict",
-]
+__all__ = ["AdapterConfig", "LoraConfig", "AuroraConfig", "AromaConfig"]
 
 
 def _check_rank(rank: object) -> None:
@@ -149,57 +142,3 @@ class AromaConfig(AdapterConfig):
     alpha: float = 4.0
     dropout: float = 0.1
     method: ClassVar[str] = "aroma"
-
-
-METHODS: dict[str, type[AdapterConfig]] = {
-    "aurora": AuroraConfig,
-    "lora": LoraConfig,
-    "aroma": AromaConfig,
-}
-
-
-def make_config(
-    method: str = "aurora",
-    rank: int | None = None,
-    alpha: float | None = None,
-    dropout: float | None = None,
-    config: AdapterConfig | None = None,
-) -> AdapterConfig:
-    """Build the config for ``method``, with the method's own defaults for unset fields.
-
-    Args:
-        method: ``"aurora"``, ``"lora"`` or ``"aroma"``.
-        rank: Overrides the method's default rank.
-        alpha: Overrides the method's default alpha.
-        dropout: Overrides the method's default dropout.
-        config: A ready config; then ``method``/``rank``/``alpha``/``dropout`` must be left unset.
-
-    Raises:
-        ValueError: Unknown method, invalid values, or both ``config`` and loose fields.
-    """
-    if config is not None:
-        if not isinstance(config, AdapterConfig):
-            raise TypeError(f"config must be an AuroraConfig, LoraConfig or AromaConfig, got {type(config).__name__}")
-        if any(v is not None for v in (rank, alpha, dropout)):
-            raise ValueError("pass either config=... or rank/alpha/dropout, not both; put the values in the config")
-        return config
-    if not isinstance(method, str) or method.lower() not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
-    overrides = {k: v for k, v in (("rank", rank), ("alpha", alpha), ("dropout", dropout)) if v is not None}
-    return METHODS[method.lower()](**overrides)
-
-
-def config_from_dict(data: dict[str, Any]) -> AdapterConfig:
-    """Inverse of ``AdapterConfig.to_dict``; validates like the constructor."""
-    data = dict(data)
-    method = data.pop("method", None)
-    if method not in METHODS:
-        raise ValueError(f"unknown adapter method {method!r} in config; expected one of {sorted(METHODS)}")
-    cls = METHODS[method]
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - names
-    if unknown:
-        raise ValueError(f"unknown {method} config field(s) {sorted(unknown)}; known fields: {sorted(names)}")
-    if "grid_range" in data:
-        data["grid_range"] = tuple(data["grid_range"])
-    return cls(**data)

@@ -4,37 +4,21 @@ from __future__ import annotations
 
 from torch import nn
 
-from aurora_fx.modules import AromaAdapter
-from aurora_fx.owners import iter_owners
-from aurora_fx.passes.match import ADAPTER_TAG
+from aurora_fx.owners import iter_bindings
+from aurora_fx.passes.fuse import is_fused
 from aurora_fx.records import AdapterInfo
-from aurora_fx.tracing import owner_state
 
 __all__ = ["adapters", "trainable_parameters", "adapter_modules"]
 
 
-def adapter_modules(model: nn.Module) -> list[tuple[str, str, nn.Module]]:
-    """``(site path, kind, adapter module)`` for every adapter in ``model``, in module order."""
+def adapter_modules(model: nn.Module, method: str | None = None) -> list[tuple[str, str, nn.Module]]:
+    """``(site path, kind, adapter module)`` for every adapter in ``model`` (of ``method``, if given)."""
     out = []
-    for _, gm in iter_owners(model):
-        for binding in owner_state(gm).bindings:
-            out.append((binding.site, binding.kind, gm.get_submodule(binding.attr)))
+    for _, gm, binding in iter_bindings(model):
+        adapter = gm.get_submodule(binding.attr)
+        if method is None or adapter.method == method:
+            out.append((binding.site, binding.kind, adapter))
     return out
-
-
-def _rank(adapter: nn.Module) -> int:
-    if isinstance(adapter, AromaAdapter):
-        return adapter.merged_rank + (0 if adapter.frozen else adapter.config.rank)
-    return adapter.config.rank
-
-
-def _is_fused(model: nn.Module, site: str) -> bool:
-    for _, gm in iter_owners(model):
-        for b in owner_state(gm).bindings:
-            if b.site == site:
-                return any(n.meta.get(ADAPTER_TAG) == b.attr and n.meta.get("aurora_fx_role") == "fused"
-                           for n in gm.graph.nodes)
-    return False
 
 
 def adapters(model: nn.Module) -> list[AdapterInfo]:
@@ -45,14 +29,14 @@ def adapters(model: nn.Module) -> list[AdapterInfo]:
         [('encoder.layer.0.attention.self.query', 'aurora', 2, 1556)]
     """
     infos = []
-    for site, kind, adapter in adapter_modules(model):
-        tensors = list(adapter.parameters()) + [b for n, b in adapter.named_buffers() if n in ("U", "V")]
+    for _, gm, b in iter_bindings(model):
+        adapter = gm.get_submodule(b.attr)
         infos.append(AdapterInfo(
-            path=site, method=adapter.config.method, rank=_rank(adapter),
-            num_params=sum(t.numel() for t in tensors),
+            path=b.site, method=adapter.method, rank=adapter.rank,
+            num_params=sum(t.numel() for t in adapter.stored_tensors().values()),
             trainable_params=sum(p.numel() for p in adapter.parameters() if p.requires_grad),
-            in_features=adapter.in_features, out_features=adapter.out_features, kind=kind,
-            fused=_is_fused(model, site), config=adapter.config.to_dict(),
+            in_features=adapter.in_features, out_features=adapter.out_features, kind=b.kind,
+            fused=is_fused(gm, b.attr), config=adapter.config.to_dict(),
         ))
     return infos
 

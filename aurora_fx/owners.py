@@ -1,33 +1,39 @@
-"""Owner modules: build the rewritten GraphModule for an owner, swap it in and out of the model.
+"""Owner modules: the record a rewritten owner keeps, building it, and swapping it in and out.
 
-A rewritten owner keeps every parameter, buffer and child of the module it replaces under the
-same names (library code reads ``layer.weight`` directly), plus one adapter child per adapted
-parameter, and the plain attributes (``in_features``, ``nf``, ...). The replaced module is kept
-in ``OwnerState.original`` and shares its parameters, so ``unload`` and ``disable_adapters``
-swap it back for the exact base computation.
-
-Library fast paths that skip sub-layers (``nn.TransformerEncoderLayer`` calls a fused kernel
-with ``linear1.weight`` in eval mode under ``no_grad``) are switched off while an adapter lives
-under them, so an adapter is never silently bypassed.
+An *owner* is the module whose own forward computes a site (the ``nn.Linear``/``Conv1D`` itself,
+or the module calling ``F.linear(x, self.w)``). A rewritten owner is a ``torch.fx.GraphModule``
+that keeps every parameter, buffer and child of the module it replaces under the same names
+(library code reads ``layer.weight`` directly), plus one adapter child per adapted parameter,
+and the plain attributes (``in_features``, ``nf``, ...). Its ``meta["aurora_fx"]`` holds an
+``OwnerState``: the replaced module (sharing its parameters, so ``unload`` and
+``disable_adapters`` swap it back for the exact base computation) and the adapter bindings.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch.fx as fx
 from torch import nn
 
-from aurora_fx.tracing import Binding, OwnerState, get_submodule, owner_state, set_owner_state
+from aurora_fx.records import Layout, SiteKind
+from aurora_fx.tracing import get_submodule, trace_own_forward
 
 __all__ = [
+    "Binding",
+    "OwnerState",
+    "owner_state",
+    "set_owner_state",
+    "owner_graph",
     "build_owner",
     "swap_module",
     "restore_original",
     "iter_owners",
-    "guard_fast_paths",
-    "release_fast_paths",
+    "iter_bindings",
     "adapter_attr",
 ]
 
+_STATE_KEY = "aurora_fx"
 _HOOK_DICTS = (
     "_forward_pre_hooks",
     "_forward_pre_hooks_with_kwargs",
@@ -36,7 +42,60 @@ _HOOK_DICTS = (
     "_forward_hooks_always_called",
 )
 _PLAIN_TYPES = (int, float, str, bool, tuple, type(None))
-_FASTPATH_SAVED = "_aurora_fx_saved_activation_relu_or_gelu"
+
+
+@dataclass(frozen=True)
+class Binding:
+    """An adapter attached to one weight parameter of an owner.
+
+    Attributes:
+        site: The site path.
+        param: The owner's weight parameter name.
+        attr: Attribute name of the adapter module inside the owner GraphModule.
+        kind: Site kind.
+        layout: Weight storage (see ``Site.layout``).
+    """
+
+    site: str
+    param: str
+    attr: str
+    kind: SiteKind
+    layout: Layout
+
+
+@dataclass(frozen=True)
+class OwnerState:
+    """What a rewritten owner remembers: the module it replaced and its adapter bindings."""
+
+    original: nn.Module
+    bindings: tuple[Binding, ...]
+
+    def binding(self, param: str) -> Binding | None:
+        """The binding on ``param``, or None."""
+        return next((b for b in self.bindings if b.param == param), None)
+
+
+def owner_state(module: nn.Module) -> OwnerState | None:
+    """The ``OwnerState`` of a rewritten owner, or None for any other module."""
+    if isinstance(module, fx.GraphModule):
+        state = module.meta.get(_STATE_KEY)
+        if isinstance(state, OwnerState):
+            return state
+    return None
+
+
+def set_owner_state(gm: fx.GraphModule, state: OwnerState) -> None:
+    """Attach ``state`` to ``gm`` (kept across ``copy.deepcopy``)."""
+    gm.meta[_STATE_KEY] = state
+
+
+def owner_graph(module: nn.Module) -> fx.Graph:
+    """The graph of ``module``'s own forward: its current graph if already rewritten, else traced.
+
+    Raises:
+        TraceError: fx cannot trace it alone (see ``tracing.trace_own_forward``).
+    """
+    return module.graph if owner_state(module) is not None else trace_own_forward(module)
 
 
 def adapter_attr(owner: nn.Module, param: str) -> str:
@@ -118,7 +177,15 @@ def restore_original(gm: fx.GraphModule) -> nn.Module:
 
 
 def swap_module(model: nn.Module, path: str, new: nn.Module) -> None:
-    """Put ``new`` at ``path`` in ``model`` (not the root)."""
+    """Put ``new`` at ``path`` in ``model``.
+
+    Raises:
+        ValueError: ``path`` is ``""``: the root has no parent to hold a replacement, so a rewritten
+            root would never run (``passes.check`` refuses root sites for this reason).
+    """
+    if not path:
+        raise ValueError("cannot swap the root module: it has no parent to hold the rewritten owner; wrap the "
+                         "model in a parent module (e.g. torch.nn.Sequential(model)) first")
     parent_path, _, name = path.rpartition(".")
     setattr(get_submodule(model, parent_path), name, new)
 
@@ -128,34 +195,6 @@ def iter_owners(model: nn.Module) -> list[tuple[str, fx.GraphModule]]:
     return [(path, m) for path, m in model.named_modules() if owner_state(m) is not None]
 
 
-def _fast_path_layers(model: nn.Module, paths: list[str]) -> list[nn.Module]:
-    layers = []
-    for path in paths:
-        parts = path.split(".")
-        for i in range(len(parts)):
-            module = get_submodule(model, ".".join(parts[:i]))
-            if isinstance(module, nn.TransformerEncoderLayer) and module not in layers:
-                layers.append(module)
-    return layers
-
-
-def guard_fast_paths(model: nn.Module, paths: list[str]) -> None:
-    """Switch off the eval/no_grad fused kernel of TransformerEncoderLayers above ``paths``.
-
-    The fused kernel reads ``linear1.weight`` etc. and would skip the adapters; with
-    ``activation_relu_or_gelu`` falsy the layer takes its regular path, which calls its
-    sub-layers (the activation function itself is unchanged).
-    """
-    for layer in _fast_path_layers(model, paths):
-        if not hasattr(layer, _FASTPATH_SAVED):
-            setattr(layer, _FASTPATH_SAVED, layer.activation_relu_or_gelu)
-            layer.activation_relu_or_gelu = 0
-
-
-def release_fast_paths(model: nn.Module) -> None:
-    """Restore fast paths of layers that no longer hold any adapter."""
-    for _path, layer in model.named_modules():
-        guarded = isinstance(layer, nn.TransformerEncoderLayer) and hasattr(layer, _FASTPATH_SAVED)
-        if guarded and not any(owner_state(m) is not None for m in layer.modules()):
-            layer.activation_relu_or_gelu = getattr(layer, _FASTPATH_SAVED)
-            delattr(layer, _FASTPATH_SAVED)
+def iter_bindings(model: nn.Module) -> list[tuple[str, fx.GraphModule, Binding]]:
+    """Every ``(owner path, owner, binding)`` in ``model``, in module order."""
+    return [(path, gm, b) for path, gm in iter_owners(model) for b in owner_state(gm).bindings]

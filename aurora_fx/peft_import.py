@@ -4,7 +4,12 @@ The LoRA factors become aurora_fx ``LoraAdapter``\\s with identical outputs (PEF
 ``lora_A.weight`` is our A ``(r, d_in)``, ``lora_B.weight`` our B ``(d_out, r)``, scale
 ``lora_alpha / r``, or ``lora_alpha / √r`` with rsLoRA; ``alpha_pattern`` and ``rank_pattern`` are
 honoured through the factor shapes). ``modules_to_save`` weights are loaded into the model and
-stay trainable. Everything is validated before the model changes. Migrated fine-tunes export with ``aurora_fx.export``.
+stay trainable. Like every entry point this is find → check → attach: everything is validated
+before the model changes. Migrated fine-tunes export with ``aurora_fx.export``.
+
+A ``peft.LoraConfig`` object also converts (``lora_config_from_peft``), so
+``aurora_fx.apply(model, config=peft.LoraConfig(r=8, lora_alpha=16, target_modules=["query"]))``
+works; its ``target_modules`` become the pattern.
 
 Example:
     >>> model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=5)
@@ -24,16 +29,60 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from aurora_fx.checkpoint import CheckpointError
+from aurora_fx.attach import attach, resolve_trainable
+from aurora_fx.checkpoint import CheckpointError, copy_values, load_module_tensors
 from aurora_fx.config import LoraConfig
+from aurora_fx.passes.check import require
 from aurora_fx.passes.match import find_sites
-from aurora_fx.surgery import SiteRequest, commit, plan_owners, resolve_trainable
+from aurora_fx.records import SiteRequest
 
-__all__ = ["load_peft_lora"]
+__all__ = ["load_peft_lora", "lora_config_from_peft", "peft_target_pattern"]
 
 _PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"^(?P<path>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
 _UNSUPPORTED = {"use_dora": "DoRA", "use_qalora": "QA-LoRA", "lora_bias": "LoRA bias"}
+
+
+def _is_peft_lora(config: object) -> bool:
+    return type(config).__name__ == "LoraConfig" and type(config).__module__.startswith("peft")
+
+
+def lora_config_from_peft(config: object) -> LoraConfig | None:
+    """An aurora_fx ``LoraConfig`` equal to a ``peft.LoraConfig`` (None for other objects).
+
+    r → rank, lora_alpha → alpha (times √r with ``use_rslora``: PEFT's α/√r is our α'/r),
+    lora_dropout → dropout.
+
+    Raises:
+        ValueError: The PEFT config uses a variant aurora_fx does not implement (DoRA, biases,
+            per-module rank or alpha patterns).
+    """
+    if not _is_peft_lora(config):
+        return None
+    used = [name for key, name in _UNSUPPORTED.items() if getattr(config, key, False)]
+    used += [f"{key}" for key in ("rank_pattern", "alpha_pattern") if getattr(config, key, None)]
+    if getattr(config, "bias", "none") != "none":
+        used.append(f"bias={config.bias!r}")
+    if used:
+        raise ValueError(f"peft.LoraConfig with {', '.join(used)} has no aurora_fx equivalent in apply(); use "
+                         f"aurora_fx.LoraConfig(rank=..., alpha=..., dropout=...) with a pattern per group")
+    rank, alpha = int(config.r), float(config.lora_alpha)
+    return LoraConfig(rank=rank, alpha=alpha * math.sqrt(rank) if getattr(config, "use_rslora", False) else alpha,
+                      dropout=float(config.lora_dropout))
+
+
+def peft_target_pattern(config: object) -> str | None:
+    """PEFT's ``target_modules`` as an aurora_fx regex (None when not a ``peft.LoraConfig``).
+
+    PEFT matches a list of names at the end of the module path (``"query"`` matches
+    ``….attention.self.query``) and full-matches a string regex.
+    """
+    if not _is_peft_lora(config) or not config.target_modules:
+        return None
+    targets = config.target_modules
+    if isinstance(targets, str):
+        return f"^(?:{targets})$"
+    return rf"(^|\.)({'|'.join(re.escape(t) for t in sorted(targets))})$"
 
 
 def _read(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -84,8 +133,37 @@ def _lora_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch
     return found
 
 
+def _requests(model: nn.Module, config: dict[str, Any], lora: dict[str, dict[str, torch.Tensor]]) -> list[SiteRequest]:
+    """Find every PEFT module's site; one LoRA request per site with its own rank and alpha."""
+    found = {s.path: s for s in find_sites(model, lambda p, m: p in lora).matched}
+    requests = []
+    for path, pair in lora.items():
+        site = found.get(path)
+        if site is None:
+            raise CheckpointError(f"PEFT module {path!r} does not exist in this {type(model).__name__}")
+        if set(pair) != {"A", "B"}:
+            raise CheckpointError(f"PEFT module {path!r} lacks lora_{'A' if 'A' not in pair else 'B'}.weight")
+        requests.append(SiteRequest(site, _site_config(config, path, int(pair["A"].shape[0]))))
+    return requests
+
+
+def _fill_from(lora: dict[str, dict[str, torch.Tensor]]):
+    def fill(site: str, adapter: nn.Module) -> None:
+        for which in ("A", "B"):
+            target, value = getattr(adapter, which), lora[site][which]
+            if tuple(value.shape) != tuple(target.shape):
+                raise CheckpointError(f"PEFT tensor {site}.lora_{which}.weight has shape {tuple(value.shape)} "
+                                      f"but site {site!r} needs {tuple(target.shape)}")
+            with torch.no_grad():
+                target.copy_(value.to(target.dtype))
+
+    return fill
+
+
 def load_peft_lora(model: nn.Module, folder: str | os.PathLike, *, fuse: bool = True) -> nn.Module:
     """Load a PEFT LoRA checkpoint folder into ``model`` as aurora_fx LoRA adapters.
+
+    Steps: read → find the sites → check → attach (fill A and B) → load ``modules_to_save``.
 
     Raises:
         CheckpointError: Not a (supported) PEFT LoRA checkpoint, or it does not fit the model
@@ -95,52 +173,17 @@ def load_peft_lora(model: nn.Module, folder: str | os.PathLike, *, fuse: bool = 
     lora = _lora_tensors(tensors)
     if not lora:
         raise CheckpointError(f"{str(folder)!r} holds no lora_A/lora_B tensors")
-    table = find_sites(model, lambda p, m: p in lora)
-    found = {s.path: s for s in table.matched}
-    requests = []
-    for path, pair in lora.items():
-        site = found.get(path)
-        if site is None or site.reason or site.adapted:
-            why = "does not exist" if site is None else (site.reason or f"already has an adapter ({site.adapted})")
-            raise CheckpointError(f"PEFT module {path!r} {why} in this {type(model).__name__}")
-        if set(pair) != {"A", "B"}:
-            raise CheckpointError(f"PEFT module {path!r} lacks lora_{'A' if 'A' not in pair else 'B'}.weight")
-        rank = int(pair["A"].shape[0])
-        want = {"A": (rank, site.in_features), "B": (site.out_features, rank)}
-        for which, shape in want.items():
-            if tuple(pair[which].shape) != shape:
-                raise CheckpointError(f"PEFT tensor {path}.lora_{which}.weight has shape {tuple(pair[which].shape)} "
-                                      f"but site {path!r} needs {shape}")
-        requests.append(SiteRequest(site, _site_config(config, path, rank)))
-    extra = _module_tensors(model, tensors)
-    plans = plan_owners(model, requests, fuse)
-    with torch.no_grad():
-        for plan in plans:
-            for b in plan.new_bindings:
-                adapter = plan.module.get_submodule(b.attr)
-                adapter.A.copy_(lora[b.site]["A"].to(adapter.A.dtype))
-                adapter.B.copy_(lora[b.site]["B"].to(adapter.B.dtype))
+    requests = _requests(model, config, lora)
+    require(requests, CheckpointError, f"PEFT checkpoint {str(folder)!r}:")
+    module_values = load_module_tensors(model, _module_tensors(tensors), "PEFT tensor ")
     saved = config.get("modules_to_save") or []
-    trainable = resolve_trainable(model, [rf"(^|\.){re.escape(m)}$" for m in saved] or None) if saved else \
-        resolve_trainable(model, None)
-    commit(model, plans, trainable)
-    with torch.no_grad():
-        for param, value in extra:
-            param.copy_(value)
+    trainable = resolve_trainable(model, [rf"(^|\.){re.escape(m)}$" for m in saved] if saved else None)
+    attach(model, requests, _fill_from(lora), trainable, fuse=fuse)
+    copy_values(module_values)
     return model
 
 
-def _module_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> list[tuple[nn.Parameter, torch.Tensor]]:
-    params = dict(model.named_parameters())
-    out = []
-    for key, value in tensors.items():
-        if _LORA_KEY.match(key):
-            continue
-        name = key.replace(".modules_to_save.default.", ".").replace(".original_module.", ".")
-        param = params.get(name)
-        if param is None or param.shape != value.shape:
-            why = (f"no parameter {name!r}" if param is None
-                   else f"shape {tuple(value.shape)} vs {tuple(param.shape)}")
-            raise CheckpointError(f"PEFT tensor {key!r} does not fit this {type(model).__name__} ({why})")
-        out.append((param, value.to(dtype=param.dtype)))
-    return out
+def _module_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Non-LoRA tensors (``modules_to_save``) by the base model's parameter names."""
+    return {k.replace(".modules_to_save.default.", ".").replace(".original_module.", "."): v
+            for k, v in tensors.items() if not _LORA_KEY.match(k)}

@@ -4,9 +4,27 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
-__all__ = ["Site", "Untraceable", "SiteTable", "AdapterInfo", "format_table"]
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from aurora_fx.config import AdapterConfig
+
+__all__ = ["Site", "SiteRequest", "SiteKind", "Layout", "weight_out_in", "Untraceable", "SiteTable", "AdapterInfo", "format_table"]
+
+SiteKind = Literal["linear", "conv1d", "functional"]
+"""``linear`` (nn.Linear), ``conv1d`` (HF Conv1D) or ``functional`` (``F.linear``/``@``/``addmm`` on a
+parameter in a module's own forward)."""
+
+Layout = Literal["out_in", "in_out"]
+"""How a site's weight is stored: ``out_in`` = ``(d_out, d_in)`` like nn.Linear, ``in_out`` = ``(d_in, d_out)``
+like HF Conv1D and ``x @ W``."""
+
+
+def weight_out_in(weight: Tensor, layout: Layout) -> Tensor:
+    """The weight as ``(d_out, d_in)`` whatever its layout (a view, never a copy)."""
+    return weight if layout == "out_in" else weight.t()
 
 
 @dataclass(frozen=True)
@@ -18,26 +36,29 @@ class Site:
             called ``weight`` (``encoder.layer.0.attention.self.query``, ``mlp.w_in``).
         owner: Module path of the module whose own forward computes it ("" is the root).
         param: Name of the weight parameter inside the owner.
-        kind: ``"linear"`` (nn.Linear), ``"conv1d"`` (HF Conv1D) or ``"functional"``
-            (``F.linear`` / ``@`` / ``addmm`` on a parameter in a module's own forward).
+        kind: A ``SiteKind``: ``"linear"``, ``"conv1d"`` or ``"functional"``.
         op: The traced call: ``"linear"``, ``"addmm"`` or ``"matmul"``.
-        layout: ``"out_in"`` if the weight is stored ``(d_out, d_in)`` like nn.Linear,
-            ``"in_out"`` if stored ``(d_in, d_out)`` like HF Conv1D.
+        layout: A ``Layout``: ``"out_in"`` (stored ``(d_out, d_in)``) or ``"in_out"``.
         in_features: d_in.
         out_features: d_out.
         dtype: The weight's dtype, e.g. ``"torch.float32"``.
         calls: How many times the owner's forward computes it.
         matched: Whether the pattern selects it (always False without a pattern).
-        reason: Why it cannot be adapted, or None if it can.
+        reason: Why it cannot be adapted, or None if it can (decided by ``passes.check.check``).
         adapted: The method already applied here ("aurora", "lora", "aroma"), or None.
+        owner_type: Class name of the owner (the original class for a rewritten owner).
+        is_parameter: The weight is an ``nn.Parameter`` (not a buffer or a plain tensor).
+        floating: The weight is floating point and not quantized.
+        ndim: Number of dimensions of the weight.
+        bypass: How a parent skips this site's owner (it reads the weight directly), or None.
     """
 
     path: str
     owner: str
     param: str
-    kind: str
+    kind: SiteKind
     op: str
-    layout: str
+    layout: Layout
     in_features: int
     out_features: int
     dtype: str
@@ -45,11 +66,24 @@ class Site:
     matched: bool = False
     reason: str | None = None
     adapted: str | None = None
+    owner_type: str = ""
+    is_parameter: bool = True
+    floating: bool = True
+    ndim: int = 2
+    bypass: str | None = None
 
     @property
     def adaptable(self) -> bool:
         """True when the site can receive an adapter now."""
         return self.reason is None and self.adapted is None
+
+
+@dataclass(frozen=True)
+class SiteRequest:
+    """Put an adapter of ``config`` on ``site`` (made by ``passes.check``, carried out by ``attach``)."""
+
+    site: Site
+    config: AdapterConfig
 
 
 @dataclass(frozen=True)
@@ -60,18 +94,22 @@ class Untraceable:
     module_type: str
     params: tuple[str, ...]
     error: str
+    linear_like: bool = True  # owns a 2-D floating weight (could hide a linear site)
 
 
 @dataclass(frozen=True)
 class SiteTable:
     """The dry run of ``aurora_fx.sites``: every site found, with match flags and reasons.
 
-    Iterates, indexes and measures like a tuple of ``Site``; ``str()`` gives a printable table.
+    Iterates, indexes and measures like a tuple of ``Site``; ``str()`` gives a printable table,
+    listing untraceable owners only when they own a linear-like weight (all of them with
+    ``include_all``).
     """
 
     sites: tuple[Site, ...]
     untraceable: tuple[Untraceable, ...] = ()
     pattern: str | None = None
+    include_all: bool = False
 
     def __iter__(self) -> Iterator[Site]:
         return iter(self.sites)
@@ -98,8 +136,13 @@ class SiteTable:
             for s in self.sites
         ]
         text = format_table(("site", "kind", "shape", "matched", "adapted", "note"), rows)
-        for u in self.untraceable:
-            text += f"\nnot traced: {u.path} ({u.module_type}, owns {', '.join(u.params)}): {u.error}"
+        shown = [u for u in self.untraceable if u.linear_like or self.include_all]
+        for u in shown:
+            text += f"\nnot traced: {u.path or '<root>'} ({u.module_type}, owns {', '.join(u.params)}): {u.error}"
+        hidden = len(self.untraceable) - len(shown)
+        if hidden:
+            text += (f"\n({hidden} untraceable module(s) without a linear-like weight not shown, e.g. norms; "
+                     f"include_all=True lists them)")
         return text
 
 
@@ -109,8 +152,8 @@ class AdapterInfo:
 
     Attributes:
         path: Site path (see ``Site.path``).
-        method: "aurora", "lora" or "aroma".
-        rank: r̃ / r; for AROMA the grown rank (merged pieces, plus the active one if trainable).
+        method: The registered method name ("aurora", "lora", "aroma", ...).
+        rank: r̃ / r; for AROMA the grown rank (merged width, plus the active piece while it trains).
         num_params: Adapter parameters and stored factors (trainable or not).
         trainable_params: How many of them currently require grad.
         in_features: d_in of the site.

@@ -18,10 +18,9 @@ import torch.fx as fx
 from torch import nn
 
 from aurora_fx.inventory import adapters
-from aurora_fx.owners import iter_owners
-from aurora_fx.passes.match import ADAPTER_TAG
+from aurora_fx.owners import iter_bindings, owner_state
+from aurora_fx.passes.base import ADAPTER_TAG, ROLE
 from aurora_fx.records import AdapterInfo, format_table
-from aurora_fx.tracing import owner_state
 
 __all__ = ["AdapterReport", "inspect", "node_role"]
 
@@ -111,7 +110,7 @@ def node_role(node: fx.Node) -> str:
     """Role of an owner-graph node, for pictures and the DiGraph."""
     if node.op in ("placeholder", "output"):
         return "input" if node.op == "placeholder" else "output"
-    role = node.meta.get("aurora_fx_role")
+    role = node.meta.get(ROLE)
     if role is not None:
         return role
     if node.meta.get(ADAPTER_TAG) is not None:
@@ -127,10 +126,9 @@ def _target_name(node: fx.Node) -> str:
 def inspect(model: nn.Module) -> AdapterReport:
     """Report what aurora_fx did to ``model`` (see ``AdapterReport``)."""
     code, graphs = {}, {}
-    for _, gm in iter_owners(model):
-        for b in owner_state(gm).bindings:
-            code[b.site] = gm.code
-            graphs[b.site] = gm.graph
+    for _, gm, b in iter_bindings(model):
+        code[b.site] = gm.code
+        graphs[b.site] = gm.graph
     params = list(model.parameters())
     return AdapterReport(
         model_class=type(model).__name__,

@@ -5,88 +5,36 @@ blocks, but the modules that own parameters directly (``nn.Linear``, HF ``Conv1D
 custom modules calling ``F.linear`` on their own parameter) trace alone. Rewriting happens at
 that smallest scope, so the user's model keeps its class and methods (DESIGN.md).
 
-A rewritten owner is a ``torch.fx.GraphModule`` whose ``meta["aurora_fx"]`` holds an
-``OwnerState``: the module it replaced and the adapters it carries.
+Stock forwards (Linear, Conv1D, LayerNorm, Embedding) come from a per-class graph cache; other
+modules are traced in train and eval mode, and a difference is refused, because one static graph
+would be wrong in the other mode.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from aurora_fx.modules import ADAPTER_TYPES
+from aurora_fx.registry import is_registered_adapter
 
 __all__ = [
     "TraceError",
-    "OwnerState",
-    "Binding",
-    "owner_state",
-    "is_adapter",
     "trace_owner",
+    "trace_own_forward",
+    "hf_conv1d",
     "iter_param_owners",
     "join_path",
     "get_submodule",
+    "param_dtype_ok",
 ]
-
-_STATE_KEY = "aurora_fx"
 
 
 class TraceError(RuntimeError):
     """torch.fx could not trace a module's own forward."""
-
-
-@dataclass(frozen=True)
-class Binding:
-    """An adapter attached to one weight parameter of an owner.
-
-    Attributes:
-        site: The site path.
-        param: The owner's weight parameter name.
-        attr: Attribute name of the adapter module inside the owner GraphModule.
-        kind: Site kind.
-        layout: ``"out_in"`` or ``"in_out"`` (weight storage, see ``Site.layout``).
-    """
-
-    site: str
-    param: str
-    attr: str
-    kind: str
-    layout: str
-
-
-@dataclass(frozen=True)
-class OwnerState:
-    """What a rewritten owner remembers: the module it replaced and its adapter bindings."""
-
-    original: nn.Module
-    bindings: tuple[Binding, ...]
-
-    def binding(self, param: str) -> Binding | None:
-        """The binding on ``param``, or None."""
-        return next((b for b in self.bindings if b.param == param), None)
-
-
-def owner_state(module: nn.Module) -> OwnerState | None:
-    """The ``OwnerState`` of a rewritten owner, or None for any other module."""
-    if isinstance(module, fx.GraphModule):
-        state = module.meta.get(_STATE_KEY)
-        if isinstance(state, OwnerState):
-            return state
-    return None
-
-
-def set_owner_state(gm: fx.GraphModule, state: OwnerState) -> None:
-    """Attach ``state`` to ``gm`` (kept across ``copy.deepcopy``)."""
-    gm.meta[_STATE_KEY] = state
-
-
-def is_adapter(module: nn.Module) -> bool:
-    """True for aurora_fx adapter modules."""
-    return isinstance(module, tuple(ADAPTER_TYPES.values()))
 
 
 class _OwnTracer(fx.Tracer):
@@ -97,7 +45,7 @@ class _OwnTracer(fx.Tracer):
 
 
 def trace_owner(module: nn.Module) -> fx.Graph:
-    """Trace ``module``'s own forward with all children as leaves.
+    """Trace ``module``'s own forward with all children as leaves (no cache, no mode check).
 
     Raises:
         TraceError: fx cannot trace it (data-dependent control flow, ``**kwargs``, ...).
@@ -108,14 +56,68 @@ def trace_owner(module: nn.Module) -> fx.Graph:
         raise TraceError(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
 
 
+def trace_own_forward(module: nn.Module) -> fx.Graph:
+    """A fresh copy of the graph of ``module``'s own forward (cached for stock forwards).
+
+    Raises:
+        TraceError: fx cannot trace it, or its forward branches on ``self.training``.
+    """
+    if type(module).forward in _mode_free_forwards():
+        return copy.deepcopy(_stock_graph(module))
+    graph = trace_owner(module)
+    module.training = not module.training  # a custom forward must not depend on the mode
+    try:
+        other = trace_owner(module)
+    finally:
+        module.training = not module.training
+    if other.python_code("self").src != graph.python_code("self").src:
+        raise TraceError("its forward branches on self.training, so one traced graph cannot serve both modes")
+    return graph
+
+
+_STOCK_GRAPHS: dict[tuple, fx.Graph] = {}
+
+
+def _stock_graph(module: nn.Module) -> fx.Graph:
+    """Traced graph of a stock forward, cached per class and baked-in values.
+
+    The key holds which parameters exist (``bias=None`` changes the graph) and the plain
+    attributes the trace may bake in as constants (Conv1D's ``nf``).
+    """
+    plain = tuple(sorted((k, v) for k, v in vars(module).items()
+                         if not k.startswith("_") and isinstance(v, (int, float, str, bool, type(None)))))
+    key = (type(module), tuple(n for n, p in module._parameters.items() if p is not None), plain)
+    graph = _STOCK_GRAPHS.get(key)
+    if graph is None:
+        graph = _STOCK_GRAPHS[key] = trace_owner(module)
+    return graph
+
+
+def _mode_free_forwards() -> set:
+    forwards = {nn.Linear.forward, nn.LayerNorm.forward, nn.Embedding.forward}
+    conv1d = hf_conv1d()
+    if conv1d is not None:
+        forwards.add(conv1d.forward)
+    return forwards
+
+
+def hf_conv1d() -> type | None:
+    """transformers' ``Conv1D`` (GPT-2's linear with a ``(d_in, d_out)`` weight), if installed."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except Exception:  # transformers is optional at this level
+        return None
+    return Conv1D
+
+
 def iter_param_owners(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """Modules that own parameters directly, in ``named_modules`` order; adapters skipped."""
     stack: list[tuple[str, nn.Module]] = [("", model)]
     while stack:
         path, module = stack.pop()
-        if is_adapter(module):
+        if is_registered_adapter(module):
             continue
-        if any(p is not None for p in module._parameters.values()) or owner_state(module) is not None:
+        if any(p is not None for p in module._parameters.values()):
             yield path, module
         children = [(join_path(path, n), c) for n, c in module._modules.items() if c is not None]
         stack.extend(reversed(children))

@@ -16,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from aurora_fx.data import TextDataset
-from aurora_fx.inventory import trainable_parameters
+from aurora_fx.inventory import adapter_modules, trainable_parameters
 
 __all__ = ["TrainConfig", "TrainResult", "Encoded", "encode", "train_classifier", "evaluate", "make_scheduler"]
 
@@ -88,8 +88,9 @@ def make_scheduler(optimizer: torch.optim.Optimizer, steps: int, warmup_ratio: f
 
 
 def _param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
-    adapter = [p for n, p in model.named_parameters() if p.requires_grad and ".adapter" in n]
-    other = [p for n, p in model.named_parameters() if p.requires_grad and ".adapter" not in n]
+    ids = {id(p) for _, _, a in adapter_modules(model) for p in a.parameters()}
+    adapter = [p for p in model.parameters() if p.requires_grad and id(p) in ids]
+    other = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
     groups = [{"params": adapter, "lr": cfg.lr}] if adapter else []
     if other:
         groups.append({"params": other, "lr": cfg.head_lr if cfg.head_lr is not None else cfg.lr})

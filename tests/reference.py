@@ -1,8 +1,9 @@
 """A whole-model reference built from the functional oracle only.
 
-``reference_model(adapted)`` deep-copies the model, takes its adapters' weights, unloads (the
-original modules come back) and adds the oracle's delta at every site with forward hooks. For
-``FunctionalMLP`` (sites inside a module's own forward) the forward is rewritten by hand.
+``reference_model(adapted)`` deep-copies the model, takes its adapters, unloads (the original
+modules come back) and adds each adapter's ``oracle_delta`` (``aurora_fx.functional`` only) at every
+site with forward hooks. For ``FunctionalMLP`` (sites inside a module's own forward) the forward
+is rewritten by hand.
 """
 
 from __future__ import annotations
@@ -10,28 +11,17 @@ from __future__ import annotations
 import copy
 import types
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 
 import aurora_fx
-from aurora_fx import functional as AF
 from aurora_fx.inventory import adapter_modules
-from aurora_fx.modules import AromaAdapter, AuroraAdapter, LoraAdapter
 from tests.models import FunctionalMLP
 
 
-def oracle_delta(adapter: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def oracle_delta(adapter: nn.Module, x):
     """Δ(x) from aurora_fx.functional only (eval mode: no dropout)."""
-    cfg = adapter.config
-    if isinstance(adapter, AuroraAdapter):
-        knots = AF.spline_knots(cfg.grid_size, cfg.spline_order, cfg.grid_range, dtype=torch.float64)
-        return AF.aurora_delta(x, adapter.A, adapter.B, adapter.H, adapter.Ws, knots, cfg.scale, cfg.spline_order)
-    if isinstance(adapter, LoraAdapter):
-        return AF.lora_delta(x, adapter.A, adapter.B, cfg.scale)
-    if isinstance(adapter, AromaAdapter):
-        return AF.factors_delta(x, adapter.U, adapter.V) + AF.lora_delta(x, adapter.A, adapter.B, cfg.scale)
-    raise TypeError(type(adapter))
+    return adapter.oracle_delta(x)
 
 
 def _functional_forward(deltas: dict[str, nn.Module]):

@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import aurora_fx
 from aurora_fx.aroma import AromaController, AromaLR
-from aurora_fx.modules import AromaAdapter
+from aurora_fx.methods import AromaAdapter
 
 D_IN, D_OUT = 48, 64
 

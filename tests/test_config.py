@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from aurora_fx.config import AromaConfig, AuroraConfig, LoraConfig, config_from_dict, make_config
+from aurora_fx.config import AromaConfig, AuroraConfig, LoraConfig
+from aurora_fx.registry import config_from_dict, make_config
 
 
 def test_defaults_follow_methods_md():

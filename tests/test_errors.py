@@ -20,7 +20,8 @@ from torch import nn
 import aurora_fx
 from aurora_fx.aroma import AromaController
 from aurora_fx.checkpoint import CheckpointError, read_checkpoint
-from aurora_fx.config import AuroraConfig, LoraConfig, make_config
+from aurora_fx.config import AuroraConfig, LoraConfig
+from aurora_fx.registry import make_config
 from aurora_fx.data import load_text_data, split
 from aurora_fx.export import ExportVerificationError, to_onnx
 from aurora_fx.render import render_map
@@ -171,7 +172,7 @@ CASES_ERR = [
                                      aurora_fx.load_adapters(small(), t / "o.safetensors")), CheckpointError,
          r"has no aurora_fx metadata.*load_peft_lora"),
     Case("load-onto-adapted", lambda t: aurora_fx.load_adapters(adapted(), saved(t)), CheckpointError,
-         r"already has an adapter \(aurora\); load onto a fresh base model"),
+         r"already has an adapter \(aurora\); call aurora_fx.unload\(model\) first"),
     Case("controller-without-aroma", lambda t: AromaController(adapted(), torch.optim.Adam(
         aurora_fx.trainable_parameters(adapted()))), ValueError,
          r"needs AROMA adapters.*apply\(model, pattern, method='aroma'\)"),

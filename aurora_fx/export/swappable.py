@@ -32,22 +32,27 @@ from torch import nn
 
 from aurora_fx.atomic import atomic_path
 from aurora_fx.export.onnx import ExportResult, to_onnx
-from aurora_fx.inventory import adapter_modules
+from aurora_fx.registry import is_registered_adapter
 
 __all__ = ["to_onnx_swappable", "save_adapter_weights", "adapter_tensors", "SwappableSession", "ADAPTER_MARK"]
 
 ADAPTER_MARK = ".adapter"  # adapter tensors are named <site module>.adapter[_param].<A|B|H|Ws|U|V>
 
 
+def _stored(model: nn.Module):
+    """``(fully qualified name, tensor, variable axis or None)`` of every stored adapter tensor."""
+    for path, module in model.named_modules():
+        if is_registered_adapter(module):
+            for name, t in module.stored_tensors().items():
+                yield f"{path}.{name}", t, module.variable_width.get(name)
+
+
 def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """Adapter tensors of ``model`` by their fully qualified names (the ONNX input names)."""
-    names = {id(t) for _, _, a in adapter_modules(model) for t in [*a.parameters(), *a.buffers()]}
-    state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-    return {k: v.detach() for k, v in state.items() if id(v) in names and ADAPTER_MARK in k and not
-            k.endswith(".knots")}
+    return {name: t.detach() for name, t, _ in _stored(model)}
 
 
-def _make_overridable(proto: onnx.ModelProto, names: set[str]) -> list[str]:
+def _make_overridable(proto: onnx.ModelProto, names: dict[str, int | None]) -> list[str]:
     graph = proto.graph
     found = []
     for init in graph.initializer:
@@ -56,12 +61,12 @@ def _make_overridable(proto: onnx.ModelProto, names: set[str]) -> list[str]:
         value = numpy_helper.to_array(init)
         init.CopyFrom(numpy_helper.from_array(np.zeros_like(value), init.name))  # zero effect by default
         shape = list(value.shape)
-        if init.name.endswith((".U", ".V")):  # AROMA: grown width differs between fine-tunes
-            axis = 1 if init.name.endswith(".U") else 0
+        axis = names[init.name]
+        if axis is not None:  # e.g. AROMA's U, V: the grown width differs between fine-tunes
             shape[axis] = f"{init.name}_width"
         graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, shape))
         found.append(init.name)
-    missing = names - set(found)
+    missing = set(names) - set(found)
     if missing:
         raise RuntimeError(f"adapter tensors {sorted(missing)[:3]} are not initializers of the exported graph")
     return found
@@ -73,7 +78,7 @@ def to_onnx_swappable(model: nn.Module, path: str | os.PathLike, example_inputs:
 
     Verification (``verify=True``) runs with ``model``'s own weights fed as inputs.
     """
-    names = set(adapter_tensors(model))
+    names = {name: axis for name, _, axis in _stored(model)}
     if not names:
         raise ValueError("the model has no adapters; swappable export needs aurora_fx.apply(model, ...) first")
     verify = kwargs.pop("verify", True)

@@ -1,4 +1,9 @@
-"""What every pass returns, and the lint + recompile step after each mutation."""
+"""What every pass returns, the lint + recompile step after each mutation, and the node tags.
+
+Nodes inserted for an adapter carry ``node.meta[ADAPTER_TAG] = <adapter attribute>``; the ones
+with a special job also carry ``node.meta[ROLE]``: ``Role.SUM`` (the ``base + Δ`` add, or the
+fused op's result) and ``Role.FUSED`` (the fused op call and its operands).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,17 @@ from dataclasses import dataclass
 
 import torch.fx as fx
 
-__all__ = ["PassResult", "finish_graph"]
+__all__ = ["PassResult", "finish_graph", "ADAPTER_TAG", "ROLE", "Role", "tag"]
+
+ADAPTER_TAG = "aurora_fx_adapter"  # node.meta key: the adapter attribute a node belongs to
+ROLE = "aurora_fx_role"  # node.meta key: the node's job (a Role value)
+
+
+class Role:
+    """Values of ``node.meta[ROLE]``."""
+
+    SUM = "sum"
+    FUSED = "fused"
 
 
 @dataclass(frozen=True)
@@ -20,6 +35,11 @@ class PassResult:
 
     graph_module: fx.GraphModule
     modified: bool
+
+
+def tag(node: fx.Node, attr: str, role: str | None = None) -> None:
+    """Mark ``node`` as belonging to the adapter at ``attr`` (with a ``Role``, if given)."""
+    node.meta = {ADAPTER_TAG: attr} if role is None else {ADAPTER_TAG: attr, ROLE: role}
 
 
 def finish_graph(gm: fx.GraphModule) -> fx.GraphModule:

@@ -36,19 +36,19 @@ from collections.abc import Iterable
 import torch.fx as fx
 from torch import nn
 
-from aurora_fx.passes.base import PassResult, finish_graph
-from aurora_fx.passes.match import ADAPTER_TAG, linear_calls
-from aurora_fx.tracing import Binding
+from aurora_fx.owners import Binding
+from aurora_fx.passes.base import PassResult, Role, finish_graph, tag
+from aurora_fx.passes.match import linear_calls
 
 __all__ = ["insert_adapters", "adapter_graph", "inline_adapter"]
 
 
 def adapter_graph(adapter: nn.Module) -> fx.Graph:
-    """The fx graph of ``adapter.forward`` (cached per adapter type and config).
+    """The fx graph of ``adapter.forward`` (cached per ``adapter.trace_key()``).
 
     Its ``get_attr``/``call_module`` targets are relative to the adapter.
     """
-    key = (type(adapter), adapter.config)
+    key = adapter.trace_key()
     cached = _GRAPH_CACHE.get(key)
     if cached is None:
         cached = fx.Tracer().trace(adapter)
@@ -59,35 +59,51 @@ def adapter_graph(adapter: nn.Module) -> fx.Graph:
 _GRAPH_CACHE: dict[tuple[type, object], fx.Graph] = {}
 
 
-def inline_adapter(graph: fx.Graph, x: fx.Node, attr: str, adapter: nn.Module) -> fx.Node:
-    """Copy ``adapter``'s graph into ``graph`` at the current insert point, fed with ``x``.
+def inline_adapter(graph: fx.Graph, inputs: list[fx.Node], attr: str, adapter: nn.Module) -> fx.Node:
+    """Copy ``adapter``'s graph into ``graph`` at the current insert point, fed with ``inputs``.
+
+    ``inputs`` feed the adapter's placeholders in order: ``x``, then the base weight as
+    ``(d_out, d_in)`` for adapters that declare ``reads_base_weight``.
 
     Returns:
         The node holding the adapter output ``Δ(x)``.
     """
     env: dict[fx.Node, fx.Node] = {}
     result = None
+    feed = iter(inputs)
     for node in adapter_graph(adapter).nodes:
         if node.op == "placeholder":
-            env[node] = x
+            env[node] = next(feed)
         elif node.op == "output":
             result = env[node.args[0]]
         else:
             target = f"{attr}.{node.target}" if node.op in ("get_attr", "call_module") else node.target
             args, kwargs = fx.map_arg((node.args, node.kwargs), lambda n: env[n])
             new = graph.create_node(node.op, target, args, kwargs, name=f"{attr}_{node.name}", type_expr=node.type)
-            new.meta = {ADAPTER_TAG: attr}
+            tag(new, attr)
             env[node] = new
     assert result is not None, "adapter graph has no output"
     return result
 
 
-def _insert_one(graph: fx.Graph, base: fx.Node, x: fx.Node, attr: str, adapter: nn.Module) -> None:
+def _adapter_inputs(graph: fx.Graph, x: fx.Node, binding: Binding, adapter: nn.Module) -> list[fx.Node]:
+    """``[x]``, plus the base weight as ``(d_out, d_in)`` when the adapter reads it."""
+    if not getattr(adapter, "reads_base_weight", False):
+        return [x]
+    weight = graph.get_attr(binding.param)
+    tag(weight, binding.attr)
+    if binding.layout == "in_out":
+        weight = graph.call_method("t", (weight,))
+        tag(weight, binding.attr)
+    return [x, weight]
+
+
+def _insert_one(graph: fx.Graph, base: fx.Node, x: fx.Node, binding: Binding, adapter: nn.Module) -> None:
     """``base`` → ``base + adapter(x)`` for all of ``base``'s users."""
     with graph.inserting_before(base.next):
-        delta = inline_adapter(graph, x, attr, adapter)
+        delta = inline_adapter(graph, _adapter_inputs(graph, x, binding, adapter), binding.attr, adapter)
         total = graph.call_function(operator.add, (base, delta))
-    total.meta = {ADAPTER_TAG: attr, "aurora_fx_role": "sum"}
+    tag(total, binding.attr, Role.SUM)
     base.replace_all_uses_with(total, delete_user_cb=lambda user: user is not total)
 
 
@@ -108,7 +124,7 @@ def insert_adapters(gm: fx.GraphModule, bindings: Iterable[Binding]) -> PassResu
         binding = by_param.get(call.attr)
         if binding is None:
             continue
-        _insert_one(gm.graph, call.node, call.x, binding.attr, gm.get_submodule(binding.attr))
+        _insert_one(gm.graph, call.node, call.x, binding, gm.get_submodule(binding.attr))
         modified = True
     return PassResult(finish_graph(gm) if modified else gm, modified)
 

@@ -9,7 +9,7 @@ from torch import nn
 
 import aurora_fx
 from aurora_fx import functional as AF
-from aurora_fx.passes.match import ADAPTER_TAG
+from aurora_fx.passes.base import ADAPTER_TAG
 from tests.conftest import assert_close
 from tests.models import FunctionalMLP, randomize_adapters
 

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import aurora_fx
-from aurora_fx.passes.match import compile_pattern, find_sites
+from aurora_fx.passes.match import find_sites
+from aurora_fx.passes.pattern import compile_pattern
 from tests.models import CASES, FunctionalNet
 
 

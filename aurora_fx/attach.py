@@ -1,0 +1,144 @@
+"""The one attach step: plan every owner, fill the adapter weights, commit.
+
+``apply``, ``load_adapters``, ``load_peft_lora`` and ``from_pretrained`` are each
+find → check → attach (DESIGN.md, "one way in"). ``attach`` builds every rewritten owner aside
+(trace, build the adapters, insert, fuse), lets ``fill`` write weights into the new adapters,
+and only then swaps the owners into the model, guards library fast paths and sets which
+parameters train. A failure before the commit leaves the model exactly as it was.
+
+Example:
+    >>> table = aurora_fx.sites(model, "query|value")
+    >>> requests = [SiteRequest(s, AuroraConfig()) for s in table.matched]
+    >>> attach(model, requests, trainable=("classifier",))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch.fx as fx
+from torch import nn
+
+from aurora_fx.fastpaths import guard_fast_paths
+from aurora_fx.model_state import model_state, update_model_state
+from aurora_fx.owners import Binding, adapter_attr, build_owner, iter_bindings, owner_graph, owner_state, swap_module
+from aurora_fx.passes.check import require
+from aurora_fx.passes.fuse import fuse_adapters
+from aurora_fx.passes.insert_adapters import copy_graph, insert_adapters
+from aurora_fx.passes.pattern import Pattern, compile_pattern
+from aurora_fx.records import SiteRequest
+from aurora_fx.registry import build_adapter
+from aurora_fx.tracing import get_submodule
+
+__all__ = ["attach", "OwnerPlan", "plan_owners", "resolve_trainable", "Fill"]
+
+Fill = Callable[[str, nn.Module], None]
+"""``fill(site_path, adapter)`` writes weights into a freshly built adapter (may raise)."""
+
+
+@dataclass(frozen=True)
+class OwnerPlan:
+    """A rewritten owner, built but not yet in the model."""
+
+    path: str
+    module: fx.GraphModule
+    new_bindings: tuple[Binding, ...]
+
+
+def attach(model: nn.Module, requests: list[SiteRequest], fill: Fill | None = None,
+           trainable: tuple[str, ...] | None = None, *, fuse: bool = True) -> nn.Module:
+    """Put the adapters of ``requests`` into ``model``: plan → fill → commit.
+
+    Args:
+        model: The model; changed only once every owner is planned and filled.
+        requests: Checked site requests (``passes.check``); they are checked again here.
+        fill: Writes weights into each new adapter (checkpoint loads); None keeps the init.
+        trainable: Module paths that train besides the adapters (``resolve_trainable``); None
+            keeps the model's current ones.
+        fuse: Replace fusable adapter subgraphs by their fused ops.
+
+    Returns:
+        ``model``.
+    """
+    require(requests)
+    plans = plan_owners(model, requests, fuse)
+    if fill is not None:
+        for plan in plans:
+            for b in plan.new_bindings:
+                fill(b.site, plan.module.get_submodule(b.attr))
+    current = model_state(model)
+    kept = current.trainable_modules if current is not None else ()
+    _commit(model, plans, kept if trainable is None else trainable)
+    return model
+
+
+def plan_owners(model: nn.Module, requests: list[SiteRequest], fuse: bool) -> list[OwnerPlan]:
+    """Build every rewritten owner for ``requests`` (the model is untouched)."""
+    groups: dict[str, list[SiteRequest]] = {}
+    for request in requests:
+        groups.setdefault(request.site.owner, []).append(request)
+    return [_plan_owner(model, path, group, fuse) for path, group in groups.items()]
+
+
+def _plan_owner(model: nn.Module, path: str, requests: list[SiteRequest], fuse: bool) -> OwnerPlan:
+    current = get_submodule(model, path)
+    state = owner_state(current)
+    graph = copy_graph(current.graph) if state is not None else owner_graph(current)
+    devices = {p.device for p in current.parameters(recurse=False)}
+    if len(devices) > 1:
+        names = ", ".join(sorted(map(str, devices)))
+        raise ValueError(f"{path or '<root>'} has parameters on several devices ({names}); "
+                         f"move the module to one device before aurora_fx.apply")
+    adapters, bindings = {}, []
+    for request in requests:
+        site = request.site
+        weight = current._parameters[site.param]
+        attr = adapter_attr(current, site.param)
+        adapters[attr] = build_adapter(request.config, site.in_features, site.out_features,
+                                       device=weight.device, dtype=weight.dtype)
+        bindings.append(Binding(site.path, site.param, attr, site.kind, site.layout))
+    old = state.bindings if state is not None else ()
+    gm = build_owner(current, graph, adapters, old + tuple(bindings))
+    gm = insert_adapters(gm, bindings).graph_module
+    if fuse:
+        gm = fuse_adapters(gm, [b.attr for b in bindings]).graph_module
+    return OwnerPlan(path=path, module=gm, new_bindings=tuple(bindings))
+
+
+def _commit(model: nn.Module, plans: list[OwnerPlan], trainable: tuple[str, ...]) -> None:
+    """Swap the planned owners into ``model``, guard fast paths, freeze all but what trains."""
+    update_model_state(model)  # snapshots requires_grad before the first change
+    for plan in plans:
+        swap_module(model, plan.path, plan.module)
+    guard_fast_paths(model, [p.path for p in plans])
+    _freeze_base(model, trainable)
+
+
+def resolve_trainable(model: nn.Module, trainable_modules: Pattern) -> tuple[str, ...]:
+    """Module paths that train besides the adapters: earlier ones plus ``trainable_modules``."""
+    state = model_state(model)
+    paths = state.trainable_modules if state is not None else ()
+    if trainable_modules is None:
+        return paths
+    matcher = compile_pattern(trainable_modules)
+    found = tuple(path for path, m in model.named_modules() if path and matcher(path, m))
+    if not found:
+        names = ", ".join(p for p, _ in model.named_children())
+        raise ValueError(f"trainable_modules {matcher.describe()} matched no module "
+                         f"(regex searched in module paths); top-level modules: {names}")
+    return tuple(dict.fromkeys(paths + found))
+
+
+def _freeze_base(model: nn.Module, trainable: tuple[str, ...]) -> None:
+    """Everything frozen but adapter parameters (of adapters that train) and ``trainable`` modules."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for path in trainable:
+        for p in get_submodule(model, path).parameters():
+            p.requires_grad_(True)
+    for _, gm, binding in iter_bindings(model):
+        adapter = gm.get_submodule(binding.attr)
+        for name in adapter.adapter_params():
+            getattr(adapter, name).requires_grad_(adapter.trains)
+    update_model_state(model, trainable_modules=trainable)

@@ -1,0 +1,82 @@
+"""AuroRA (arXiv 2505.18738): ``Δ(x) = (α/r̃)·B·σ(A·drop(x))`` with the Adaptive Nonlinear Layer σ."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+import aurora_fx.ops  # noqa: F401  (registers torch.ops.aurora_fx)
+from aurora_fx import functional as AF
+from aurora_fx.config import AuroraConfig
+from aurora_fx.methods.base import AdapterBase, Fusion, kaiming_uniform_
+from aurora_fx.ops.aurora_delta import ORDER
+from aurora_fx.registry import register_adapter
+
+__all__ = ["AuroraAdapter"]
+
+
+@register_adapter
+class AuroraAdapter(AdapterBase):
+    """AuroRA: ``Δ(x) = (α/r̃)·B·σ(A·drop(x))``, ``σ(z) = tanh(H·tanh z) + W_s·Σ_i basis(z_i)``.
+
+    Init (METHODS §2.4): A Kaiming-uniform(a=√5); B zero (the output starts at exactly 0);
+    H Xavier-normal; Ws U(±spline_init). The knot vector is a non-persistent float64 buffer
+    rebuilt from the config (also after ``.to()``/``.double()``, so casts never round it).
+    Parameters per site: ``r̃(d_in + d_out) + r̃² + r̃(G + K)``. Fused (cubic splines) into
+    ``aurora_fx::aurora_delta_add``.
+    """
+
+    config_class = AuroraConfig
+
+    def __init__(self, in_features: int, out_features: int, config: AuroraConfig, *, device=None, dtype=None) -> None:
+        super().__init__(in_features, out_features, config)
+        r, nb = config.rank, config.num_bases
+        self.order = config.spline_order
+        self.A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=dtype))
+        self.B = nn.Parameter(torch.zeros(out_features, r, device=device, dtype=dtype))
+        self.H = nn.Parameter(torch.empty(r, r, device=device, dtype=dtype))
+        self.Ws = nn.Parameter(torch.empty(r, nb, device=device, dtype=dtype))
+        self.register_buffer("knots", self._knots(device), persistent=False)
+        kaiming_uniform_(self.A)
+        nn.init.xavier_normal_(self.H)
+        nn.init.uniform_(self.Ws, -config.spline_init, config.spline_init)
+
+    def _knots(self, device) -> Tensor:
+        cfg = self.config
+        return AF.spline_knots(cfg.grid_size, cfg.spline_order, cfg.grid_range, dtype=torch.float64, device=device)
+
+    def _apply(self, fn, recurse=True):
+        # Knots stay exact float64 whatever .to()/.half()/.double() does to the module.
+        super()._apply(fn, recurse)
+        self.knots = self._knots(self.A.device)
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The AuroRA delta ``s·B·σ(A·drop(x))`` (reference path; the fuse pass swaps in the op)."""
+        return AF.aurora_delta(self._drop(x), self.A, self.B, self.H, self.Ws, self.knots, self.scale, self.order)
+
+    def fusion(self) -> Fusion | str:
+        """``aurora_delta_add(base, x, A, B, H, Ws, s, lo, h)`` for cubic splines."""
+        if self.order != ORDER:
+            return f"spline_order {self.order}: the fused kernel implements cubic splines only"
+        lo, _ = self.config.grid_range
+        return Fusion(torch.ops.aurora_fx.aurora_delta_add.default, ("A", "B", "H", "Ws"),
+                      (self.scale, lo, self.config.grid_step))
+
+    def oracle_delta(self, x: Tensor) -> Tensor:
+        """``s·B·σ(A·x)`` from the oracle, with knots rebuilt from the config."""
+        cfg = self.config
+        knots = AF.spline_knots(cfg.grid_size, cfg.spline_order, cfg.grid_range, dtype=torch.float64)
+        return AF.aurora_delta(x, self.A, self.B, self.H, self.Ws, knots.to(x.device), cfg.scale, cfg.spline_order)
+
+    def delta_weight(self, lossy: bool = False) -> Tensor:
+        """The paper's static merge ``s·B·σ(Aᵀ)ᵀ``; lossy, so ``lossy=True`` is required."""
+        if not lossy:
+            raise ValueError(
+                "an AuroRA adapter cannot be merged exactly: B·σ(A·x) is nonlinear in x. "
+                "Pass lossy=True for the paper's static merge (drops B·σ(0) and the nonlinearity), "
+                "or keep the adapter unmerged (aurora_fx.export.to_onnx exports it exactly)"
+            )
+        dt = AF.spline_dtype(self.A.dtype)
+        p = [t.to(dt) for t in (self.A, self.B, self.H, self.Ws)]
+        return AF.aurora_static_delta_weight(*p, self.knots, self.scale, self.order)

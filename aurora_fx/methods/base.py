@@ -1,0 +1,134 @@
+"""The adapter contract: the one base class every method's module derives from.
+
+Everything the rest of aurora_fx asks of an adapter is a method or class attribute here, so no
+other module tests for a concrete adapter class:
+
+* **shape and config**: ``in_features``, ``out_features``, ``config``, ``method``, ``rank``;
+* **training**: ``adapter_params()`` (its own parameters), ``trains`` (False once frozen);
+* **storage**: ``stored_tensors()`` (what a checkpoint saves and ``num_params`` counts),
+  ``state()`` / ``load_state()`` (JSON state beside the tensors), ``variable_width`` (tensors
+  whose width may differ between fine-tunes of one structure, for swappable ONNX);
+* **graph**: ``forward`` (traced once per ``trace_key()`` and inlined into the owner graph),
+  ``reads_base_weight`` (then ``forward(x, weight)`` gets the base weight, ``(d_out, d_in)``),
+  ``fusion()`` (the fused op that replaces the inlined subgraph, or why there is none);
+* **math**: ``oracle_delta(x)`` (the functional oracle, what every fast path is tested against)
+  and ``delta_weight(lossy)`` (the merge);
+* **sites**: ``check_site(site, config)`` (a method's own refusal, called by ``passes.check``).
+
+Adapters never compute the base ``W0·x + b0``: the owner graph adds their output to the base
+node (``passes/insert_adapters.py``). All map ``(..., in_features) → (..., out_features)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from aurora_fx.config import AdapterConfig
+
+__all__ = ["AdapterBase", "Fusion", "kaiming_uniform_"]
+
+
+@dataclass(frozen=True)
+class Fusion:
+    """How an adapter's inlined subgraph plus its ``add`` becomes one op call.
+
+    The fuse pass emits ``op(base, x, *[adapter.<p> for p in params], *constants)[0]``, where
+    ``x`` is the input of the linear on ``input_param`` (after dropout, if any).
+    """
+
+    op: Any
+    params: tuple[str, ...]
+    constants: tuple[float, ...] = ()
+    input_param: str = "A"
+
+
+def kaiming_uniform_(t: Tensor, generator: torch.Generator | None = None) -> None:
+    """LoRA's A init: Kaiming-uniform(a=√5), i.e. U(±1/√d_in)."""
+    nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=generator)
+
+
+class AdapterBase(nn.Module):
+    """Base of every adapter module (see the module docstring for the contract)."""
+
+    config_class: ClassVar[type[AdapterConfig]] = AdapterConfig
+    reads_base_weight: ClassVar[bool] = False
+    variable_width: ClassVar[dict[str, int]] = {}
+
+    def __init__(self, in_features: int, out_features: int, config: AdapterConfig) -> None:
+        super().__init__()
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"{type(self).__name__} takes a {self.config_class.__name__}, got {type(config).__name__}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.config = config
+        self.scale = config.scale
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else None
+
+    def _drop(self, x: Tensor) -> Tensor:
+        return self.dropout(x) if self.dropout is not None else x
+
+    # -- identity -------------------------------------------------------------------------------
+    @property
+    def method(self) -> str:
+        """The registered method name (``config.method``)."""
+        return self.config.method
+
+    @property
+    def rank(self) -> int:
+        """The rank this adapter holds now (the config's rank unless the method grows it)."""
+        return self.config.rank
+
+    @classmethod
+    def check_site(cls, site: Any, config: AdapterConfig) -> str | None:
+        """A reason this method cannot adapt ``site`` (a ``Site``), or None. Default: any site."""
+        return None
+
+    # -- training and storage -------------------------------------------------------------------
+    @property
+    def trains(self) -> bool:
+        """Whether its parameters should require grad (False once a method freezes it)."""
+        return True
+
+    def adapter_params(self) -> list[str]:
+        """Names of this adapter's own parameters."""
+        return [name for name, _ in self.named_parameters(recurse=False)]
+
+    def stored_tensors(self) -> dict[str, Tensor]:
+        """Parameters and persistent buffers: what a checkpoint saves and ``num_params`` counts."""
+        out = dict(self.named_parameters(recurse=False))
+        persistent = self.state_dict(keep_vars=True)
+        out.update({n: b for n, b in self.named_buffers(recurse=False) if n in persistent})
+        return out
+
+    def state(self) -> dict[str, Any]:
+        """JSON-ready state saved beside the tensors (default: none)."""
+        return {}
+
+    def load_state(self, state: dict[str, Any], tensors: dict[str, Tensor]) -> None:
+        """Prepare to receive ``tensors`` from a checkpoint (e.g. resize grown buffers)."""
+
+    # -- graph ----------------------------------------------------------------------------------
+    def trace_key(self) -> tuple:
+        """Adapters with equal keys share one traced ``forward`` graph."""
+        return (type(self), self.config)
+
+    def fusion(self) -> Fusion | str:
+        """The fused op for this adapter, or the reason it stays unfused."""
+        return f"{type(self).__name__} has no fused op"
+
+    # -- math -----------------------------------------------------------------------------------
+    def oracle_delta(self, x: Tensor) -> Tensor:
+        """``Δ(x)`` from ``aurora_fx.functional`` only, without dropout (the test reference)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement oracle_delta")
+
+    def delta_weight(self, lossy: bool = False) -> Tensor:
+        """The ``(d_out, d_in)`` update a merge adds to the base weight."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be merged into the base weight")
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.config}"

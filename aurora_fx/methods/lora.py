@@ -1,0 +1,43 @@
+"""LoRA (arXiv 2106.09685): ``Δ(x) = (α/r)·B·A·drop(x)``, the baseline every method is compared with."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from aurora_fx import functional as AF
+from aurora_fx.config import LoraConfig
+from aurora_fx.methods.base import AdapterBase, kaiming_uniform_
+from aurora_fx.registry import register_adapter
+
+__all__ = ["LoraAdapter"]
+
+
+@register_adapter
+class LoraAdapter(AdapterBase):
+    """LoRA: ``Δ(x) = (α/r)·B·A·drop(x)``; A Kaiming-uniform, B zero.
+
+    Shapes: A ``(r, in_features)``, B ``(out_features, r)``. Parameters: ``r·(d_in + d_out)``.
+    """
+
+    config_class = LoraConfig
+
+    def __init__(self, in_features: int, out_features: int, config: LoraConfig, *, device=None, dtype=None) -> None:
+        super().__init__(in_features, out_features, config)
+        r = config.rank
+        self.A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=dtype))
+        self.B = nn.Parameter(torch.zeros(out_features, r, device=device, dtype=dtype))
+        kaiming_uniform_(self.A)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The LoRA delta ``s·B·A·drop(x)``."""
+        return AF.lora_delta(self._drop(x), self.A, self.B, self.scale)
+
+    def oracle_delta(self, x: Tensor) -> Tensor:
+        """``s·B·A·x`` from the oracle."""
+        return AF.lora_delta(x, self.A, self.B, self.scale)
+
+    def delta_weight(self, lossy: bool = False) -> Tensor:
+        """Exact ``ΔW = s·B·A`` in float32 or wider."""
+        dt = AF.spline_dtype(self.A.dtype)
+        return AF.lora_delta_weight(self.A.to(dt), self.B.to(dt), self.scale)

@@ -1,0 +1,157 @@
+"""The one check: whether a site can take an adapter, with the reason when it cannot.
+
+Pattern → **check** → rewrite: ``match`` records facts about each site (parameter or buffer,
+dtype, shape, whether a parent bypasses its owner); ``check`` alone decides. Every entry point
+asks it: ``apply`` (through ``select_requests``), ``load_adapters``, ``load_peft_lora``,
+``from_pretrained`` and the exporters (through ``require``), and ``sites()`` shows its answer for
+any adapter in ``Site.reason``.
+
+Example:
+    >>> site = aurora_fx.sites(model).get("encoder.layer.0.attention.self.query")
+    >>> check(site, AuroraConfig()) is None
+    True
+"""
+
+from __future__ import annotations
+
+import difflib
+import warnings
+from collections.abc import Callable
+
+from torch import nn
+
+from aurora_fx.config import AdapterConfig
+from aurora_fx.passes.pattern import Matcher
+from aurora_fx.records import Site, SiteRequest, SiteTable
+from aurora_fx.registry import adapter_class
+from aurora_fx.tracing import get_submodule
+
+__all__ = ["check", "select_requests", "require", "check_modules"]
+
+
+def _parameter(site: Site) -> str | None:
+    return None if site.is_parameter else "the weight is a buffer, not an nn.Parameter"
+
+
+def _floating(site: Site) -> str | None:
+    if site.floating:
+        return None
+    return (f"weight dtype {site.dtype} is not floating point; integer or quantized bases are not supported, "
+            f"dequantize the layer first")
+
+
+def _two_d(site: Site) -> str | None:
+    return None if site.ndim == 2 else f"the weight is {site.ndim}-D; only 2-D weights are linear sites"
+
+
+def _not_root(site: Site) -> str | None:
+    if site.owner:
+        return None
+    return (f"the root module ({site.owner_type}) computes {site.param} in its own forward; aurora_fx rewrites an "
+            f"owner by swapping it inside its parent, and the root has none, so an adapter here would never run. "
+            f"Wrap the model in a parent (e.g. torch.nn.Sequential(model)) or move {site.param} into an nn.Linear "
+            f"child")
+
+
+def _not_bypassed(site: Site) -> str | None:
+    return site.bypass
+
+
+def _free(site: Site, config: AdapterConfig) -> str | None:
+    return None if site.adapted is None else (f"already has an adapter ({site.adapted}); call "
+                                              f"aurora_fx.unload(model) first")
+
+
+def _rank_fits(site: Site, config: AdapterConfig) -> str | None:
+    if config.rank <= min(site.in_features, site.out_features):
+        return None
+    return f"rank {config.rank} > min(in_features={site.in_features}, out_features={site.out_features})"
+
+
+def _method_accepts(site: Site, config: AdapterConfig) -> str | None:
+    return adapter_class(config).check_site(site, config)
+
+
+_SITE_RULES: tuple[Callable[[Site], str | None], ...] = (_parameter, _floating, _two_d, _not_root, _not_bypassed)
+_REQUEST_RULES: tuple[Callable[[Site, AdapterConfig], str | None], ...] = (_free, _rank_fits, _method_accepts)
+
+
+def check(site: Site, config: AdapterConfig | None = None) -> str | None:
+    """Why ``site`` cannot take an adapter of ``config``, or None if it can.
+
+    With ``config=None`` only the rules that hold for every adapter apply (what ``sites()``
+    shows); with a config, also: the site is free, the rank fits, and the method accepts it
+    (``AdapterBase.check_site``).
+    """
+    for rule in _SITE_RULES:
+        reason = rule(site)
+        if reason:
+            return reason
+    if config is None:
+        return None
+    for request_rule in _REQUEST_RULES:
+        reason = request_rule(site, config)
+        if reason:
+            return reason
+    return None
+
+
+def require(requests: list[SiteRequest], error: type[Exception] = ValueError, context: str = "") -> None:
+    """Raise ``error`` naming every request that ``check`` refuses (nothing is changed)."""
+    problems = [f"{r.site.path or '<root>'}: {reason}" for r in requests if (reason := check(r.site, r.config))]
+    if problems:
+        lead = f"{context} " if context else ""
+        raise error(f"{lead}{len(problems)} site(s) cannot take the adapter:\n  " + "\n  ".join(problems))
+
+
+def select_requests(model: nn.Module, table: SiteTable, matcher: Matcher, config: AdapterConfig) -> list[SiteRequest]:
+    """``apply``'s requests: every matched site with ``config``, or a ValueError that says what to do."""
+    matched = table.matched
+    check_modules(model, table, matcher, bool(matched))
+    if not matched:
+        raise ValueError(_nothing_matched(table, matcher))
+    requests = [SiteRequest(site, config) for site in matched]
+    problems = [f"{r.site.path or '<root>'}: {reason}" for r in requests if (reason := check(r.site, config))]
+    if problems:
+        raise ValueError(
+            f"pattern {matcher.describe()} matched {len(problems)} site(s) that cannot take this adapter:\n  "
+            + "\n  ".join(problems) + "\nNarrow the pattern (aurora_fx.sites(model, pattern) shows every match)."
+        )
+    return requests
+
+
+def _is_quantized(module: nn.Module) -> bool:
+    name = f"{type(module).__module__}.{type(module).__name__}".lower()
+    return ".quantized" in name or "bitsandbytes" in name or "linear8bit" in name or "linear4bit" in name
+
+
+def check_modules(model: nn.Module, table: SiteTable, matcher: Matcher, any_site: bool) -> None:
+    """Refuse, with the reason, patterns that reach quantized or untraceable modules (no site there)."""
+    quantized = [path for path, m in model.named_modules() if path and _is_quantized(m) and matcher(path, m)]
+    if quantized:
+        raise ValueError(f"pattern {matcher.describe()} matches quantized module(s) {quantized[:5]}: integer or "
+                         f"quantized bases are not supported; dequantize them (or load the float model) first")
+    for u in table.untraceable:
+        owner = get_submodule(model, u.path)
+        names = [u.path] + [f"{u.path}.{p}" if u.path else p for p in u.params]
+        if any(matcher(n, owner) for n in names):
+            msg = (f"pattern {matcher.describe()} reaches {u.path or '<root>'} ({u.module_type}), whose own forward "
+                   f"torch.fx cannot trace alone ({u.error}); a linear map on its parameters ({', '.join(u.params)}) "
+                   f"cannot be rewritten. Make that forward traceable, or target the nn.Linear children instead")
+            if not any_site:
+                raise ValueError(msg)
+            warnings.warn(msg + " (the other matched sites are adapted)", stacklevel=5)
+
+
+def _nothing_matched(table: SiteTable, matcher: Matcher) -> str:
+    paths = [s.path for s in table if s.adaptable]
+    near = difflib.get_close_matches(matcher.text, paths, n=5, cutoff=0.3) if matcher.text else []
+    shown = ", ".join(paths[:40]) + (f", ... ({len(paths)} in all)" if len(paths) > 40 else "")
+    msg = (f"pattern {matcher.describe()} matched no site (a regex is searched in each site path with re.search). "
+           f"Sites that could match: {shown or 'none'}.")
+    if near:
+        msg += f" Nearest names: {', '.join(near)}."
+    if table.untraceable:
+        names = ", ".join(f"{u.path} ({u.module_type})" for u in table.untraceable)
+        msg += f" Not searched because torch.fx cannot trace them alone: {names}."
+    return msg + " See aurora_fx.sites(model) for the full table."
