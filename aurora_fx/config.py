@@ -88,6 +88,9 @@ class AuroraConfig(AdapterConfig):
         spline_order: Spline order K (3 = cubic; the fused op supports only 3).
         grid_range: Range covered by the grid; the basis is zero beyond ``K`` extra knots each side.
         spline_init: Ws starts as U(-spline_init, spline_init) ("scale_noise" 0.1).
+        a_init: A's init: ``"kaiming_uniform"`` (U(±1/√d_in), LoRA's), ``"xavier_normal"``
+            (aurora-peft's) or ``"normal"`` (N(0, 1/d_in), MyTransformers'); METHODS §2.4.
+        scale_by_rank: Scale ``s = α/r̃`` (True, the LoRA convention) or ``s = α`` (False).
     """
 
     rank: int = 2
@@ -96,7 +99,10 @@ class AuroraConfig(AdapterConfig):
     spline_order: int = 3
     grid_range: tuple[float, float] = (-1.0, 1.0)
     spline_init: float = 0.1
+    a_init: str = "kaiming_uniform"
+    scale_by_rank: bool = True
     method: ClassVar[str] = "aurora"
+    A_INITS: ClassVar[tuple[str, ...]] = ("kaiming_uniform", "xavier_normal", "normal")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -110,6 +116,15 @@ class AuroraConfig(AdapterConfig):
         object.__setattr__(self, "grid_range", (lo, hi))
         if not 0.0 <= self.spline_init < math.inf:
             raise ValueError(f"spline_init must be >= 0, got {self.spline_init!r}")
+        if self.a_init not in self.A_INITS:
+            raise ValueError(f"a_init must be one of {list(self.A_INITS)}, got {self.a_init!r}")
+        if not isinstance(self.scale_by_rank, bool):
+            raise ValueError(f"scale_by_rank must be True (s = α/r̃) or False (s = α), got {self.scale_by_rank!r}")
+
+    @property
+    def scale(self) -> float:
+        """``s = α / r̃`` (``scale_by_rank``, the default) or ``s = α``."""
+        return self.alpha / self.rank if self.scale_by_rank else self.alpha
 
     @property
     def num_bases(self) -> int:

@@ -22,6 +22,8 @@ __all__ = [
     "load_csv",
     "load_text_data",
     "split",
+    "deduplicate",
+    "text_key",
 ]
 
 
@@ -109,20 +111,61 @@ def load_text_data(source: str | os.PathLike) -> TextDataset:
     raise ValueError(f"data {str(source)!r} is neither 'bbc', 'tweets', a folder of <label>/*.txt nor a .csv file")
 
 
+def text_key(text: str) -> str:
+    """The form two texts share when they are duplicates: whitespace collapsed, case folded."""
+    return " ".join(text.split()).casefold()
+
+
+def deduplicate(data: TextDataset) -> tuple[TextDataset, int]:
+    """``data`` with each text kept once (first occurrence, by ``text_key``), and how many were dropped."""
+    seen: set[str] = set()
+    keep = []
+    for i, text in enumerate(data.texts):
+        key = text_key(text)
+        if key not in seen:
+            seen.add(key)
+            keep.append(i)
+    return data.subset(keep), len(data) - len(keep)
+
+
+def _per_class(counts: dict[int, int], n_test: int) -> dict[int, int]:
+    """Largest-remainder allocation of ``n_test`` over classes in proportion to ``counts``."""
+    total = sum(counts.values())
+    quota = {y: n_test * c / total for y, c in counts.items()}
+    alloc = {y: int(q) for y, q in quota.items()}
+    by_remainder = sorted(counts, key=lambda y: (-(quota[y] - alloc[y]), y))
+    for y in by_remainder[: n_test - sum(alloc.values())]:
+        alloc[y] += 1
+    return alloc
+
+
 def split(data: TextDataset, test: int | float, seed: int = 0) -> tuple[TextDataset, TextDataset]:
-    """Stratified split into ``(rest, test)``; ``test`` is a count or a fraction."""
+    """Stratified split into ``(rest, test)`` with exactly the asked number of test examples.
+
+    Args:
+        data: The examples.
+        test: A count (``int``) or a fraction of ``len(data)`` (``float``, rounded).
+        seed: Shuffle seed.
+
+    The count is spread over the classes in proportion to their sizes (largest remainder), so
+    ``len(test)`` is exactly the count asked for.
+
+    Raises:
+        ValueError: The count leaves no test or no training example.
+    """
     n_test = int(round(test * len(data))) if isinstance(test, float) else int(test)
     if not 0 < n_test < len(data):
-        raise ValueError(f"test={test!r} leaves {n_test} of {len(data)} examples for testing; use a count in "
+        raise ValueError(f"test={test!r} asks for {n_test} of {len(data)} examples for testing; use a count in "
                          f"1..{len(data) - 1} or a fraction in (0, 1)")
     rng = random.Random(seed)
     by_label: dict[int, list[int]] = {}
     for i, y in enumerate(data.labels):
         by_label.setdefault(y, []).append(i)
+    alloc = _per_class({y: len(idx) for y, idx in by_label.items()}, n_test)
     test_idx: list[int] = []
-    for _, idx in sorted(by_label.items()):
+    for y, idx in sorted(by_label.items()):
         rng.shuffle(idx)
-        test_idx += idx[: round(n_test * len(idx) / len(data))]
+        test_idx += idx[: alloc[y]]
     chosen = set(test_idx)
     rest = [i for i in range(len(data)) if i not in chosen]
     rng.shuffle(rest)

@@ -11,7 +11,8 @@ if TYPE_CHECKING:
 
     from aurora_fx.config import AdapterConfig
 
-__all__ = ["Site", "SiteRequest", "SiteKind", "Layout", "weight_out_in", "Untraceable", "SiteTable", "AdapterInfo", "format_table"]
+__all__ = ["Site", "SiteRequest", "SiteKind", "Layout", "weight_out_in", "Untraceable", "SiteTable", "AdapterInfo",
+           "format_table"]
 
 SiteKind = Literal["linear", "conv1d", "functional"]
 """``linear`` (nn.Linear), ``conv1d`` (HF Conv1D) or ``functional`` (``F.linear``/``@``/``addmm`` on a

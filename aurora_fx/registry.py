@@ -5,21 +5,10 @@ torchao registers a handler per config type). Nothing else in aurora_fx names a 
 ``apply(method=...)``, checkpoints, the CLI's ``--method`` choices and PEFT import all go through
 this table.
 
-Implementer's side (a scaled rank-r linear map; see ``aurora_fx.methods.base.AdapterBase`` for the
-whole contract)::
-
-    @dataclass(frozen=True)
-    class ScaledConfig(AdapterConfig):
-        rank: int = 4
-        alpha: float = 4.0
-        method: ClassVar[str] = "scaled"
-
-    @register_adapter
-    class ScaledAdapter(AdapterBase):
-        config_class = ScaledConfig
-        def __init__(self, in_features, out_features, config, *, device=None, dtype=None): ...
-        def forward(self, x): ...
-        def oracle_delta(self, x): ...
+Implementer's side: a frozen ``AdapterConfig`` subclass with ``method: ClassVar[str] = "mine"``, and
+an ``aurora_fx.methods.base.AdapterBase`` subclass with ``config_class = MyConfig``, its own
+parameters, ``forward`` and ``oracle_delta`` (``delta_weight`` to merge, ``fusion`` to fuse), decorated
+with ``@register_adapter``. ``tests/test_registry.py`` holds a complete method in under 40 lines.
 
 User's side: ``aurora_fx.apply(model, "query|value", method="scaled")``.
 """
@@ -33,6 +22,7 @@ from aurora_fx.config import AdapterConfig
 
 __all__ = [
     "register_adapter",
+    "unregister_adapter",
     "adapter_class",
     "config_class",
     "method_names",
@@ -67,6 +57,13 @@ def register_adapter(cls: type) -> type:
                          f"give {cls.__name__}'s config another method name")
     _ADAPTERS[name] = cls
     return cls
+
+
+def unregister_adapter(method: str) -> None:
+    """Remove a registered method (built-in methods cannot be removed)."""
+    if method in ("aurora", "lora", "aroma"):
+        raise ValueError(f"the built-in method {method!r} cannot be unregistered")
+    _ADAPTERS.pop(method, None)
 
 
 def method_names() -> tuple[str, ...]:

@@ -61,8 +61,7 @@ def apply(
             lora_dropout, use_rslora; target_modules as the pattern).
         trainable_modules: Pattern over module paths whose parameters also train (e.g. a new
             classification head: ``"classifier"``).
-        fuse: Replace each fusable adapter subgraph by its fused op (AuroRA's
-            ``aurora_fx::aurora_delta_add``).
+        fuse: Replace each fusable adapter subgraph by its fused op (AuroRA's ``aurora_delta_add``).
 
     Returns:
         ``model`` itself.

@@ -102,7 +102,7 @@ def _mode_free_forwards() -> set:
 
 
 def hf_conv1d() -> type | None:
-    """transformers' ``Conv1D`` (GPT-2's linear with a ``(d_in, d_out)`` weight), if installed."""
+    """Transformers' ``Conv1D`` (GPT-2's linear with a ``(d_in, d_out)`` weight), if installed."""
     try:
         from transformers.pytorch_utils import Conv1D
     except Exception:  # transformers is optional at this level

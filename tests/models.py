@@ -159,3 +159,19 @@ def randomize_adapters(model: nn.Module, std: float = 0.3) -> None:
     for name, p in model.named_parameters():
         if ".adapter" in name:
             p.normal_(0.0, std)
+
+
+class RootFunctional(nn.Module):
+    """A root whose own forward computes ``F.linear`` on its own weight, plus a Linear child."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(24, 16) / 4)
+        self.head = nn.Linear(24, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(F.linear(x, self.w)))
+
+
+def root_functional() -> nn.Module:
+    return RootFunctional().eval()

@@ -11,7 +11,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import aurora_fx
 from aurora_fx.aroma import AromaController, AromaLR
-from aurora_fx.methods import AromaAdapter
 
 D_IN, D_OUT = 48, 64
 
@@ -226,7 +225,7 @@ def test_training_grows_rank_and_the_model_is_base_plus_merged_pieces(tmp_path):
         reloaded = aurora_fx.load_adapters(copy.deepcopy(base), path)
         merged = aurora_fx.merge(copy.deepcopy(model))
     assert (ours - manual).abs().max() <= 1e-5
-    assert (ours - reloaded(x)).abs().max() <= 1e-5 and isinstance(reloaded[0].adapter, AromaAdapter)
+    assert (ours - reloaded(x)).abs().max() <= 1e-5 and reloaded[0].adapter.method == "aroma"
     assert reloaded[0].adapter.frozen and reloaded[0].adapter.merged_rank == adapter.merged_rank
     assert (ours - merged(x)).abs().max() <= 1e-5
     assert aurora_fx.adapters(reloaded)[0].rank == adapter.merged_rank

@@ -21,9 +21,9 @@ import aurora_fx
 from aurora_fx.aroma import AromaController
 from aurora_fx.checkpoint import CheckpointError, read_checkpoint
 from aurora_fx.config import AuroraConfig, LoraConfig
-from aurora_fx.registry import make_config
 from aurora_fx.data import load_text_data, split
 from aurora_fx.export import ExportVerificationError, to_onnx
+from aurora_fx.registry import make_config
 from aurora_fx.render import render_map
 from tests.models import CASES
 
@@ -198,7 +198,7 @@ CASES_ERR = [
     Case("data-unknown-source", lambda t: load_text_data("imagenet"), ValueError,
          r"neither 'bbc', 'tweets', a folder of <label>/\*\.txt nor a \.csv file"),
     Case("data-split-too-big", lambda t: split(load_text_data("bbc"), 5000), ValueError,
-         r"leaves 5000 of 2225 examples for testing; use a count in 1\.\.2224"),
+         r"asks for 5000 of 2225 examples for testing; use a count in 1\.\.2224"),
 ]
 
 

@@ -14,12 +14,19 @@ from aurora_fx.registry import register_adapter
 
 __all__ = ["AuroraAdapter"]
 
+_A_INITS = {  # AuroraConfig.a_init → init of A (r̃, d_in), METHODS §2.4
+    "kaiming_uniform": kaiming_uniform_,  # U(±1/√d_in)
+    "xavier_normal": nn.init.xavier_normal_,  # N(0, 2/(d_in + r̃))
+    "normal": lambda a: nn.init.normal_(a, 0.0, a.shape[1] ** -0.5),  # N(0, 1/d_in)
+}
+
 
 @register_adapter
 class AuroraAdapter(AdapterBase):
     """AuroRA: ``Δ(x) = (α/r̃)·B·σ(A·drop(x))``, ``σ(z) = tanh(H·tanh z) + W_s·Σ_i basis(z_i)``.
 
-    Init (METHODS §2.4): A Kaiming-uniform(a=√5); B zero (the output starts at exactly 0);
+    Init (METHODS §2.4): A by ``config.a_init`` (Kaiming-uniform(a=√5) by default); B zero (the
+    output starts at exactly 0);
     H Xavier-normal; Ws U(±spline_init). The knot vector is a non-persistent float64 buffer
     rebuilt from the config (also after ``.to()``/``.double()``, so casts never round it).
     Parameters per site: ``r̃(d_in + d_out) + r̃² + r̃(G + K)``. Fused (cubic splines) into
@@ -37,7 +44,7 @@ class AuroraAdapter(AdapterBase):
         self.H = nn.Parameter(torch.empty(r, r, device=device, dtype=dtype))
         self.Ws = nn.Parameter(torch.empty(r, nb, device=device, dtype=dtype))
         self.register_buffer("knots", self._knots(device), persistent=False)
-        kaiming_uniform_(self.A)
+        _A_INITS[config.a_init](self.A)
         nn.init.xavier_normal_(self.H)
         nn.init.uniform_(self.Ws, -config.spline_init, config.spline_init)
 

@@ -131,4 +131,5 @@ class AdapterBase(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} cannot be merged into the base weight")
 
     def extra_repr(self) -> str:
+        """Shape and config, for ``print(model)``."""
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.config}"

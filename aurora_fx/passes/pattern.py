@@ -28,6 +28,7 @@ class Matcher:
     predicate: Callable[[str, nn.Module], bool]
 
     def __call__(self, path: str, module: nn.Module) -> bool:
+        """Whether the pattern selects ``path`` (owned by ``module``)."""
         return bool(self.predicate(path, module))
 
     @property

@@ -1,4 +1,5 @@
-"""bench_quality's protocol (LR chosen on validation, resume, claims) and the synthetic claim test."""
+"""bench_quality's protocol (splits, grids grown at edges, choices on validation, the recipe study,
+scheduling and verdicts) and the synthetic claim test."""
 
 from __future__ import annotations
 
@@ -10,66 +11,135 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import bench_quality as BQ  # noqa: E402
+import quality_protocol as QP  # noqa: E402
 import synthetic as SY  # noqa: E402
 
-
-def _record(method="lora_r8", lr=2e-3, seed=0, val=0.5, test=0.5, dataset="bbc"):
-    return BQ.RunRecord(dataset, method, lr, seed, val, test, 100, 50, 1.0)
+from aurora_fx.data import TextDataset, load_bbc, text_key  # noqa: E402
 
 
-def test_learning_rate_is_chosen_on_validation_never_on_test():
-    sweep = [_record(lr=2e-3, val=0.80, test=0.99), _record(lr=5e-3, val=0.85, test=0.60)]
-    assert BQ.choose_lr(sweep).lr == 5e-3
+def _data(n=60, dup_every=5):
+    texts = [f"text number {i}" for i in range(n)]
+    texts += [f"Text  Number {i}" for i in range(0, n, dup_every)]  # duplicates up to case and spacing
+    return TextDataset(tuple(texts), tuple(i % 3 for i in range(len(texts))), ("a", "b", "c"))
 
 
-def test_ties_on_validation_keep_the_earlier_rate():
-    assert BQ.choose_lr([_record(lr=2e-3, val=0.8), _record(lr=5e-3, val=0.8)]).lr == 2e-3
+def test_splits_drop_duplicates_first_and_never_share_a_text():
+    splits = QP.make_splits(_data(), test=10, val=8)
+    assert splits.duplicates_removed == 12
+    assert (len(splits.test), len(splits.val), len(splits.train)) == (10, 8, 42)
+    keys = [{text_key(t) for t in getattr(splits, s).texts} for s in ("train", "val", "test")]
+    assert not (keys[0] & keys[1] or keys[0] & keys[2] or keys[1] & keys[2])
 
 
-def test_store_is_resumable_and_runner_skips_finished_runs(tmp_path):
+def test_check_disjoint_catches_a_text_in_two_splits():
+    splits = QP.make_splits(_data(), test=10, val=8)
+    test = splits.test
+    leaked_test = TextDataset(test.texts + (splits.train.texts[0].upper(),), test.labels + (0,), test.label_names)
+    leaked = QP.Splits(splits.train, splits.val, leaked_test, 0, 0)
+    with pytest.raises(AssertionError, match="1 text\\(s\\) are in both the train and the test split"):
+        QP.check_disjoint(leaked)
+
+
+def test_real_bbc_splits_have_zero_overlap():
+    splits = QP.make_splits(load_bbc(), test=400, val=200)
+    assert splits.sizes() == {"total": 2225, "duplicates_removed": 101, "train": 1524, "val": 200, "test": 400}
+
+
+def _plan(scores: dict[int, float], half=2, max_extra=3):
+    grid = QP.GridPlan(1e-3, half=half, max_extra=max_extra)
+    return QP.MethodPlan("bbc", "m", grid, (0, 1, 2), {k: QP.Score(v, 1.0) for k, v in scores.items()})
+
+
+def test_a_best_rate_at_the_top_edge_grows_the_grid_until_it_is_interior():
+    plan = _plan({-2: 0.5, -1: 0.6, 0: 0.7, 1: 0.8, 2: 0.9})
+    assert plan.grid_needs() == [3] and plan.chosen() is None
+    assert [k.k for k in QP.next_runs(plan, set())] == [3]
+    plan = _plan({-2: 0.5, -1: 0.6, 0: 0.7, 1: 0.8, 2: 0.9, 3: 0.95})
+    assert plan.grid_needs() == [4]
+    plan = _plan({-2: 0.5, -1: 0.6, 0: 0.7, 1: 0.8, 2: 0.9, 3: 0.95, 4: 0.94})
+    assert plan.grid_needs() == [] and plan.chosen() == 3 and not plan.at_edge()
+    assert [(k.k, k.seed) for k in QP.next_runs(plan, set())] == [(3, 1), (3, 2)]
+
+
+def test_a_best_rate_at_the_bottom_edge_grows_downwards_and_the_growth_is_capped():
+    assert _plan({-2: 0.9, -1: 0.6, 0: 0.5, 1: 0.5, 2: 0.5}).grid_needs() == [-3]
+    capped = _plan({-3: 0.95, -2: 0.9, -1: 0.6, 0: 0.5, 1: 0.5, 2: 0.5}, max_extra=1)
+    assert capped.grid_needs() == [] and capped.chosen() == -3 and capped.at_edge()
+
+
+def test_the_rate_is_chosen_on_validation_with_ties_broken_by_loss_then_the_lower_rate():
+    grid = QP.GridPlan(1e-3)
+    scores = {-2: QP.Score(0.8, 0.5), -1: QP.Score(0.9, 0.40), 0: QP.Score(0.9, 0.30), 1: QP.Score(0.9, 0.30),
+              2: QP.Score(0.7, 0.1)}
+    assert QP.MethodPlan("bbc", "m", grid, (0,), scores).chosen() == 0
+    assert grid.rate(1) == pytest.approx(2e-3) and grid.rate(-2) == pytest.approx(2.5e-4)
+
+
+def _record(method, k, seed=0, val=0.5, dataset="bbc", test=0.5):
+    return BQ.RunRecord(dataset, method, k, seed, BQ.method_named(method.split("[")[0].removeprefix(
+        BQ.STUDY_PREFIX)).center * 2.0**k, val, 1.0, test, 10, 5, 5, 3, 1.0)
+
+
+def _finish_grid(store, method, best_k=0, dataset="bbc", val=0.8):
+    for k in range(-2, 3):
+        store.put(_record(method, k, val=val if k == best_k else 0.1, dataset=dataset))
+
+
+def test_the_study_runs_first_and_aurora_rows_wait_for_its_recipe(tmp_path):
     store = BQ.RunStore(tmp_path / "runs.json")
-    mode = BQ.Mode("t", (BQ.DataSetting("bbc", 1, 8, 1, 1),), ("lora_r8",), (0, 1, 2), True, SY.SyntheticConfig())
-    for lr in BQ.ADAPTER_LRS:
-        store.put(_record(lr=lr, val=0.9 if lr == 5e-3 else 0.1))
-    for seed in (1, 2):
-        store.put(_record(lr=5e-3, seed=seed, test=0.7))
-    reloaded = BQ.RunStore(tmp_path / "runs.json")
-    assert len(reloaded.runs) == 4
-
-    def no_training(num_labels):
-        raise AssertionError("a finished run was trained again")
-
-    prep = BQ.Prepared(mode.data[0], 5, None, None, None)
-    seeds = BQ.Runner(reloaded, mode, no_training).method(prep, BQ.method_named("lora_r8"))
-    assert [(r.lr, r.seed) for r in seeds] == [(5e-3, 0), (5e-3, 1), (5e-3, 2)]
-    assert BQ.planned_runs(mode) == 4
-    (row,) = BQ.rows_from_store(mode, reloaded)
-    assert (row.lr, row.seeds, row.test_median) == (5e-3, 3, 0.7)
+    ready = {key.method for key, _, _ in BQ.ready_runs(store, BQ.FULL)}
+    assert "aurora_r2" in ready and not {"aurora_r1", "aurora_r4", "aurora_r2_all"} & ready
+    assert BQ.adopted_recipe(store, BQ.FULL) is None
+    for ds in ("bbc", "tweets"):
+        _finish_grid(store, "aurora_r2", dataset=ds)
+    ready = [key for key, _, _ in BQ.ready_runs(store, BQ.FULL)]
+    study = [key for key in ready if key.method.startswith(BQ.STUDY_PREFIX)]
+    assert len(study) == 2 * len(BQ.STUDY) * 3 and {k.k for k in study} == {-1, 0, 1}
 
 
-def test_report_leaves_out_methods_whose_sweep_is_unfinished_and_counts_seeds(tmp_path):
+def _run_study(store, wins: dict[str, float]):
+    """Finish the study: every variant scores ``wins[recipe name]`` (default 0.8) at its centre."""
+    for ds in ("bbc", "tweets"):
+        _finish_grid(store, "aurora_r2", dataset=ds)
+        for recipe in BQ.STUDY:
+            name = BQ.method_named("aurora_r2").with_recipe(recipe, BQ.STUDY_PREFIX).name
+            for k in (-1, 0, 1):
+                val = wins.get((ds, BQ.recipe_name(recipe)), 0.7) if k == 0 else 0.1
+                store.put(_record(name, k, val=val, dataset=ds))
+
+
+def test_a_variant_is_adopted_only_when_it_wins_on_both_data_sets(tmp_path):
+    store = BQ.RunStore(tmp_path / "a.json")
+    _run_study(store, {("bbc", "a_init=normal"): 0.9, ("tweets", "a_init=normal"): 0.7})
+    assert BQ.adopted_recipe(store, BQ.FULL) == ()  # wins on one only: the default stays
+    assert "aurora_r4" in {m.name for m in BQ.main_rows(store, BQ.FULL)}
+    store = BQ.RunStore(tmp_path / "b.json")
+    _run_study(store, {("bbc", "a_init=normal"): 0.9, ("tweets", "a_init=normal"): 0.85})
+    assert BQ.adopted_recipe(store, BQ.FULL) == (("a_init", "normal"),)
+    assert "aurora_r4[a_init=normal]" in {m.name for m in BQ.main_rows(store, BQ.FULL)}
+
+
+def test_report_rows_need_a_final_grid_and_every_seed(tmp_path):
     store = BQ.RunStore(tmp_path / "runs.json")
-    mode = BQ.Mode("t", (BQ.DataSetting("bbc", 1, 8, 1, 1),), ("lora_r8", "aurora_r2"), (0, 1, 2), True,
-                   SY.SyntheticConfig())
-    store.put(_record(method="aurora_r2", lr=2e-3))
-    for lr in BQ.ADAPTER_LRS:
-        store.put(_record(lr=lr))
-    (row,) = BQ.rows_from_store(mode, store)
-    assert (row.method, row.seeds) == ("lora_r8", 1)
-    assert BQ.RunStore(tmp_path / "runs.json", fresh=True).runs == {}
+    _finish_grid(store, "lora_r8")
+    assert BQ.summarize(store, BQ.FULL, "bbc", BQ.method_named("lora_r8")) is None
+    for seed, test in ((1, 0.6), (2, 0.7)):
+        store.put(_record("lora_r8", 0, seed=seed, test=test))
+    row = BQ.summarize(BQ.RunStore(tmp_path / "runs.json"), BQ.FULL, "bbc", BQ.method_named("lora_r8"))
+    assert row.tests == (0.5, 0.6, 0.7) and row.median == 0.6 and not row.at_edge
+    assert row.lr == pytest.approx(BQ.ADAPTER_LR)
 
 
-def test_claims_state_the_comparison_with_numbers():
-    def row(method, accs, params):
-        return BQ.Row("bbc", method, 1e-3, {}, sorted(accs)[1], min(accs), max(accs), params, params, 1.0)
+def test_verdicts_compare_at_matched_size_and_at_the_papers_ratio():
+    def row(method, accs, stored):
+        return BQ.Row("bbc", method, 1e-3, {}, False, tuple(accs), stored, stored, stored, 1.0)
 
-    rows = [row("lora_r8", [0.90, 0.91, 0.92], 73728), row("aurora_r2", [0.93, 0.94, 0.95], 18672),
-            row("aroma_r1", [0.80, 0.81, 0.82], 9216), row("peft_lora_r8", [0.905, 0.91, 0.915], 73728)]
-    text = "\n".join(BQ.claims(rows))
-    assert "AuroRA r̃=2 0.940 [0.930, 0.950] with 18,672 adapter params beats (median +3.0 points) LoRA r=8" in text
-    assert "AROMA r=1 0.810 [0.800, 0.820] with 9,216 adapter params falls short (-10.0 points) of" in text
-    assert "agree within the seed spread" in text
-    assert "25.3% of its params" in text
+    rows = [row("aurora_r2", (0.93, 0.94, 0.95), 18672), row("lora_r2", (0.935, 0.94, 0.945), 18432),
+            row("lora_r8", (0.90, 0.91, 0.92), 73728)]
+    text = "\n".join(BQ.verdicts(rows))
+    assert "bbc (matched size): aurora_r2 0.940 [0.930, 0.950] with 18,672 adapter params matches (+0.0 points" in text
+    assert "(the paper's ratio): aurora_r2 0.940 [0.930, 0.950] with 18,672 adapter params beats (+3.0 points)" in text
+    assert "(0.25x the parameters; seed ranges do not overlap)" in text
 
 
 def _tiny_classifier(num_labels):
@@ -88,18 +158,17 @@ def test_every_method_trains_on_a_tiny_bert(name):
     torch.manual_seed(0)
     ids = torch.randint(1, 50, (24, 8))
     enc = Encoded(ids, torch.ones_like(ids), torch.randint(0, 3, (24,)))
-    prep = BQ.Prepared(BQ.DataSetting("bbc", 12, 8, 24, 24, batch_size=4), 3, enc, enc, enc)
-    record = BQ.train_one(prep, BQ.method_named(name), 5e-3, 0, _tiny_classifier)
-    assert 0.0 <= record.test_accuracy <= 1.0 and record.seconds > 0
+    setting = BQ.DataSetting("bbc", 12, 8, 24, 4, epochs=1)
+    record = BQ.fit(_tiny_classifier(3), BQ.method_named(name), setting, (enc, enc, enc), 0, 5e-3, 0)
+    assert 0.0 <= record.test_accuracy <= 1.0 and record.seconds > 0 and record.steps == 6
     head = 16 * 3 + 3
-    frozen_body = name not in ("full",)
     assert record.trainable_params > (head if name != "head" else 0)
-    if frozen_body:
+    if name != "full":
         assert record.trainable_params < sum(p.numel() for p in _tiny_classifier(3).parameters()) / 2
     if name.startswith("aroma"):
-        assert record.extra["ranks"] and record.extra["stored_adapter_params"] > 0
+        assert record.extra["ranks"] and record.stored_params > 0
     if name in ("lora_r8", "peft_lora_r8"):
-        assert record.adapter_params == 2 * 2 * 8 * (16 + 16)
+        assert record.adapter_params == record.stored_params == 2 * 2 * 8 * (16 + 16)
 
 
 SMALL = SY.SyntheticConfig(dim=16, n_train=1024, n_test=1024, steps=400, restarts=2, lora_ranks=(2, 8),
@@ -128,12 +197,3 @@ def test_format_fits_lists_every_student(fits):
     assert len(SY.format_fits(list(fits.values())).splitlines()) == 1 + len(fits)
 
 
-def test_matches_means_a_median_within_one_point_not_overlapping_ranges():
-    def row(method, accs):
-        return BQ.Row("tweets", method, 1e-3, {}, sorted(accs)[1], min(accs), max(accs), 10, 10, 1.0)
-
-    lora = row("lora_r8", [0.59, 0.624, 0.64])
-    close = BQ._compare("tweets", "X", row("aurora_r2", [0.608, 0.616, 0.62]), lora)
-    far = BQ._compare("tweets", "X", row("aroma_r1", [0.52, 0.544, 0.608]), lora)
-    assert "matches (median -0.8 points, within 1)" in close
-    assert "falls short (-8.0 points, seed ranges overlap) of" in far
