@@ -143,8 +143,8 @@ class Mode:
 FULL = Mode("full", (DataSetting("bbc", 400, 200, 48, 16, epochs=3),
                      DataSetting("tweets", 500, 300, 48, 8, steps=600, train_cap=6_000)),
             tuple(m.name for m in METHODS), (0, 1, 2), 2, True)
-QUICK = Mode("quick", (DataSetting("bbc", 200, 100, 48, 16, steps=30),
-                       DataSetting("tweets", 200, 100, 40, 16, steps=30, train_cap=2000)),
+QUICK = Mode("quick", (DataSetting("bbc", 200, 100, 48, 16, steps=60),
+                       DataSetting("tweets", 200, 100, 40, 16, steps=60, train_cap=2000)),
              ("head", "lora_r8", "aurora_r2"), (0,), 0, False, max_extra=0)
 STUDY_PREFIX = "study:"
 
