@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip -q --disable-pip-version-check
-# Every pip command carries the torch/torchvision pins (PLATFORM.md §1.2: an unpinned command can
+# Every pip command carries the torch/torchvision pins (an unpinned command can
 # silently swap torch builds).
 PIN    := -c constraints.txt
 STAMP  := $(VENV)/.aurora_fx-installed

@@ -14,6 +14,7 @@ from aurora_fx.config import AromaConfig, AuroraConfig, LoraConfig
 from aurora_fx.inventory import adapters, trainable_parameters
 from aurora_fx.passes.match import find_sites as sites
 from aurora_fx.peft_import import load_peft_lora
+from aurora_fx.pretrained import from_pretrained
 from aurora_fx.records import AdapterInfo, Site, SiteTable
 from aurora_fx.registry import register_adapter
 from aurora_fx.report import AdapterReport, inspect
@@ -32,6 +33,7 @@ __all__ = [
     "save_adapters",
     "load_adapters",
     "load_peft_lora",
+    "from_pretrained",
     "inspect",
     "AdapterReport",
     "AromaController",

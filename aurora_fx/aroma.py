@@ -1,4 +1,4 @@
-"""AROMA's controller: grow each site's update one rank-r piece at a time (METHODS §3).
+"""AROMA's controller: grow each site's update one rank-r piece at a time (docs/methods.md §3).
 
 Usage (plain PyTorch)::
 
@@ -13,7 +13,7 @@ Usage (plain PyTorch)::
     controller.finalize()                                     # end of budget: keep active pieces
 
 The rules (inner/outer loops, Gram-trace norms, seeded 99.9% moment reset, re-warm, identical
-decisions on every DDP rank) follow METHODS §3.2–3.6, not the official code's defects
+decisions on every DDP rank) follow docs/methods.md §3.2–3.6, not the official code's defects
 (§3.8): the controller runs *after* ``optimizer.step()``, always merges, keeps a clean
 snapshot, never materialises an m×n product, and logs one line per outer step.
 
@@ -44,7 +44,7 @@ logger = logging.getLogger("aurora_fx.aroma")
 
 
 class AromaLR(torch.optim.lr_scheduler.LambdaLR):
-    """METHODS §3.5 default: warm-up, cosine decay to ``min_lr_ratio``, linear re-warm after merges.
+    """docs/methods.md §3.5 default: warm-up, cosine decay to ``min_lr_ratio``, linear re-warm after merges.
 
     ``lr(t) = base · min(1, t/first_warmup) · cos_decay(t) · min(1, (t - t_merge)/rewarm)``.
     """
@@ -158,7 +158,7 @@ def _world() -> int:
 
 
 def _agree(values: torch.Tensor) -> torch.Tensor:
-    """The same values on every rank (rank 0's), so all ranks decide alike (METHODS §3.6)."""
+    """The same values on every rank (rank 0's), so all ranks decide alike (docs/methods.md §3.6)."""
     if _world() > 1:
         torch.distributed.broadcast(values, src=0)
     return values
@@ -235,7 +235,7 @@ class AromaController:
 
     # -- the per-step entry point ------------------------------------------------------------
     def step(self) -> None:
-        """Advance the controller by one optimizer step (METHODS §3.2 ``on_step_end``)."""
+        """Advance the controller by one optimizer step (docs/methods.md §3.2 ``on_step_end``)."""
         self._check_called_after_optimizer_step()
         if self.done:
             return
@@ -392,7 +392,7 @@ def _weff_norm2(adapter: AromaAdapter, weight: torch.Tensor) -> float:
 
 
 def _weff_norm2_after_merge(wnorm2: float, adapter: AromaAdapter, weight: torch.Tensor) -> float:
-    """``‖W_eff + s·b·a‖² = ‖W_eff‖² + 2s·tr(bᵀ·W_eff·aᵀ) + ‖s·b·a‖²`` (METHODS §3.4)."""
+    """``‖W_eff + s·b·a‖² = ‖W_eff‖² + 2s·tr(bᵀ·W_eff·aᵀ) + ‖s·b·a‖²`` (docs/methods.md §3.4)."""
     s, a, b = adapter.scale, adapter.A.detach().double(), adapter.B.detach().double()
     weff_at = _apply_weight(weight, a) + adapter.U.double() @ (adapter.V.double() @ a.t())  # (m, r)
     return wnorm2 + 2 * s * torch.trace(b.t() @ weff_at).item() + s * s * AF.lowrank_norm2(b, a).item()

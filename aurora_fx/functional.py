@@ -1,4 +1,4 @@
-"""The functional oracle: the math of ``METHODS.md`` and nothing else.
+"""The functional oracle: the math of ``docs/methods.md`` and nothing else.
 
 Every fast path in aurora_fx (adapter modules, the rewritten graphs, the fused op, merges and the
 ONNX translation) is tested against these functions with random, non-zero adapter weights.
@@ -7,9 +7,9 @@ References:
     * LoRA, arXiv 2106.09685: ``Δ(x) = s·B·A·x`` with ``s = α/r``.
     * AuroRA, arXiv 2505.18738: ``Δ(x) = s·B·σ(A·x)`` with the Adaptive Nonlinear Layer
       ``σ(z) = tanh(H·tanh z) + W_s·S(z)`` and ``S(z) = Σ_i basis(z_i)`` a summed cubic B-spline
-      basis (METHODS.md §2.2; ``s = α/r̃``).
+      basis (docs/methods.md §2.2; ``s = α/r̃``).
     * AROMA, arXiv 2504.05343: a LoRA delta on the active rank-r piece plus frozen merged factors
-      ``U·(V·x)`` (METHODS.md §3.3), and Gram-trace norms of low-rank products (§3.4).
+      ``U·(V·x)`` (docs/methods.md §3.3), and Gram-trace norms of low-rank products (§3.4).
 
 Shapes: ``x`` is ``(..., d_in)``; ``A`` is ``(r, d_in)``; ``B`` is ``(d_out, r)``; ``H`` is
 ``(r, r)``; ``Ws`` is ``(r, G+K)``; the knots are ``(G+2K+1,)``.
@@ -87,7 +87,7 @@ torch.fx.wrap("bspline_basis")
 
 
 def spline_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The spline branch runs in at least float32, even for bf16/fp16 adapters (METHODS §2.3)."""
+    """The spline branch runs in at least float32, even for bf16/fp16 adapters (docs/methods.md §2.3)."""
     return torch.promote_types(dtype, torch.float32)
 
 
@@ -121,7 +121,7 @@ def aurora_delta(
     scale: float,
     order: int = 3,
 ) -> Tensor:
-    """AuroRA adapter output ``Δ(x) = s·B·σ(A·x)`` (METHODS §2.3, without dropout).
+    """AuroRA adapter output ``Δ(x) = s·B·σ(A·x)`` (docs/methods.md §2.3, without dropout).
 
     Args:
         x: ``(..., d_in)`` adapter input (already dropped out, if dropout is used).
@@ -176,7 +176,7 @@ def lowrank_inner(B1: Tensor, A1: Tensor, B2: Tensor, A2: Tensor) -> Tensor:
 
 
 def lowrank_norm2(B: Tensor, A: Tensor) -> Tensor:
-    """``‖B·A‖²_F = tr((BᵀB)(AAᵀ))`` (METHODS §3.4), float64, clamped at 0."""
+    """``‖B·A‖²_F = tr((BᵀB)(AAᵀ))`` (docs/methods.md §3.4), float64, clamped at 0."""
     return lowrank_inner(B, A, B, A).clamp_min(0.0)
 
 

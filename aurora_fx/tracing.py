@@ -3,7 +3,7 @@
 transformers 5 has no fx tracer and ``torch.fx.symbolic_trace`` fails on whole HF models and
 blocks, but the modules that own parameters directly (``nn.Linear``, HF ``Conv1D``, norms,
 custom modules calling ``F.linear`` on their own parameter) trace alone. Rewriting happens at
-that smallest scope, so the user's model keeps its class and methods (DESIGN.md).
+that smallest scope, so the user's model keeps its class and methods (README, *How it works*).
 
 Stock forwards (Linear, Conv1D, LayerNorm, Embedding) come from a per-class graph cache; other
 modules are traced in train and eval mode, and a difference is refused, because one static graph

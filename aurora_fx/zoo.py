@@ -7,6 +7,7 @@ without pretrained weights.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 from dataclasses import dataclass
@@ -49,10 +50,7 @@ def load_model(spec: str, *, num_labels: int | None = None) -> LoadedModel:
             set timm's ``num_classes``. None: the bare encoder / the default head.
     """
     if spec.startswith("timm:"):
-        import timm
-
-        kwargs = {"num_classes": num_labels} if num_labels else {}
-        return LoadedModel(spec, timm.create_model(spec[5:], pretrained=False, **kwargs).eval(), None, "image")
+        return LoadedModel(spec, _timm_model(spec[5:], num_labels), None, "image")
     folder = minilm_path() if spec == "minilm" else Path(spec)
     if not folder.is_dir():
         raise ValueError(f"model {spec!r} is neither 'minilm', 'timm:<name>' nor a local Hugging Face model folder")
@@ -64,6 +62,20 @@ def load_model(spec: str, *, num_labels: int | None = None) -> LoadedModel:
     else:
         model = AutoModel.from_pretrained(folder)
     return LoadedModel(spec, model.eval(), AutoTokenizer.from_pretrained(folder), "text")
+
+
+def _timm_model(name: str, num_labels: int | None) -> nn.Module:
+    import timm
+
+    kwargs = {"num_classes": num_labels} if num_labels else {}
+    try:
+        return timm.create_model(name, pretrained=False, **kwargs).eval()
+    except RuntimeError as exc:
+        if "Unknown model" not in str(exc):
+            raise
+        near = difflib.get_close_matches(name, timm.list_models(), n=6, cutoff=0.6)
+        raise ValueError(f"unknown timm model {name!r}; similar names: {', '.join(near) or 'none'} "
+                         f"(timm.list_models() lists them all)") from None
 
 
 def example_inputs(loaded: LoadedModel, batch: int = 2, seq: int = 16) -> dict[str, torch.Tensor]:

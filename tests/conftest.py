@@ -11,7 +11,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-# assert_close defaults are the starting point (STYLE.md §3.6); named once, used everywhere.
+# assert_close defaults are the starting point; named once, used everywhere.
 TOLERANCES = {
     torch.float32: {"rtol": 1.3e-6, "atol": 1e-5},
     torch.bfloat16: {"rtol": 1.6e-2, "atol": 1e-5},

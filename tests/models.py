@@ -155,7 +155,7 @@ def cast_inputs(inputs: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
 
 @torch.no_grad()
 def randomize_adapters(model: nn.Module, std: float = 0.3) -> None:
-    """Non-zero adapter weights, so that every parity test means something (METHODS §0)."""
+    """Non-zero adapter weights, so that every parity test means something (docs/methods.md §0)."""
     for name, p in model.named_parameters():
         if ".adapter" in name:
             p.normal_(0.0, std)

@@ -1,4 +1,4 @@
-"""AromaController on scripted toy problems with hand-checked answers (METHODS §3.2)."""
+"""AromaController on scripted toy problems with hand-checked answers (docs/methods.md §3.2)."""
 
 from __future__ import annotations
 

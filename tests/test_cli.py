@@ -40,7 +40,7 @@ def trained(bbc_folder, tmp_path_factory):
 def test_sites_prints_the_dry_run_table(capsys):
     assert main(["sites", "minilm", "--pattern", "query|value"]) == 0
     out = capsys.readouterr().out
-    assert "encoder.layer.5.attention.self.value" in out and "37 sites, 12 matched by 'query|value'" in out
+    assert "bert.encoder.layer.5.attention.self.value" in out and "38 sites, 12 matched by 'query|value'" in out
 
 
 def test_sites_on_a_timm_model(capsys):

@@ -1,4 +1,5 @@
-"""Every code block of docs/*.md runs: Python blocks in one namespace, shell blocks in one folder."""
+"""Every code block of README.md and docs/*.md runs: Python blocks in one namespace per page (in a
+temporary folder), shell blocks of docs/*.md in one folder."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from pathlib import Path
 import pytest
 
 pytestmark = pytest.mark.slow
-DOCS = sorted((Path(__file__).parents[1] / "docs").glob("*.md"))
+ROOT = Path(__file__).parents[1]
+DOCS = sorted((ROOT / "docs").glob("*.md"))
+PAGES = [ROOT / "README.md", *DOCS]
 BLOCK = re.compile(r"^```(?P<lang>\w+)\n(?P<code>.*?)^```", re.M | re.S)
 
 
@@ -19,8 +22,9 @@ def _blocks(path: Path, lang: str) -> list[str]:
     return [m["code"] for m in BLOCK.finditer(path.read_text()) if m["lang"] == lang]
 
 
-@pytest.mark.parametrize("doc", DOCS, ids=[d.name for d in DOCS])
-def test_python_blocks_run(doc):
+@pytest.mark.parametrize("doc", PAGES, ids=[d.name for d in PAGES])
+def test_python_blocks_run(doc, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # blocks write runs/..., out/...
     namespace: dict = {"__name__": "__docs__"}
     for i, code in enumerate(_blocks(doc, "python")):
         try:

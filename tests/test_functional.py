@@ -1,4 +1,4 @@
-"""The oracle itself: spline values of METHODS §2.2, merges, Gram-trace norms."""
+"""The oracle itself: spline values of docs/methods.md §2.2, merges, Gram-trace norms."""
 
 from __future__ import annotations
 

@@ -40,7 +40,7 @@ def test_aurora_on_minilm_learns_bbc_and_keeps_the_base(bbc_small):
     tr, te = encode(loaded.tokenizer, train, 64), encode(loaded.tokenizer, test, 64)
     before = evaluate(model, te, progress=False)
     aurora_fx.apply(model, "query|value", trainable_modules="classifier")
-    assert sum(a.num_params for a in aurora_fx.adapters(model)) == 18_672  # METHODS §2.5, MiniLM-L6 q,v
+    assert sum(a.num_params for a in aurora_fx.adapters(model)) == 18_672  # docs/methods.md §2.5, MiniLM-L6 q,v
     result = train_classifier(model, tr, TrainConfig(steps=25, lr=5e-3, max_length=64), progress=False)
     after = evaluate(model, te, progress=False)
     assert sum(result.losses[-5:]) < sum(result.losses[:5])

@@ -2,7 +2,7 @@
 
 The exporter (``torch.onnx.export(dynamo=True)``) calls ``aurora_delta_add_onnx`` through its
 ``custom_translation_table``. The cubic B-spline is written in its symmetric closed form (the same
-function as METHODS §2.2's recursion and the fused kernel's ``spline_basis``): with centres
+function as docs/methods.md §2.2's recursion and the fused kernel's ``spline_basis``): with centres
 ``c_k = t_{k+2}`` and spacing ``h``,
 
     B_k(z) = (relu(2h − |z − c_k|)³ − 4·relu(h − |z − c_k|)³) / (6h³)

@@ -17,7 +17,7 @@ __all__ = ["AromaAdapter"]
 
 @register_adapter
 class AromaAdapter(AdapterBase):
-    """AROMA: merged frozen factors plus one trainable rank-r piece (METHODS §3.1, §3.3).
+    """AROMA: merged frozen factors plus one trainable rank-r piece (docs/methods.md §3.1, §3.3).
 
     ``Δ(x) = U·(V·x) + (α/r)·B·A·drop(x)``: U ``(d_out, k)`` and V ``(k, d_in)`` are frozen
     buffers that grow at each merge (merged pieces act on the undropped x, as in the official

@@ -14,7 +14,7 @@ from aurora_fx.registry import register_adapter
 
 __all__ = ["AuroraAdapter"]
 
-_A_INITS = {  # AuroraConfig.a_init → init of A (r̃, d_in), METHODS §2.4
+_A_INITS = {  # AuroraConfig.a_init → init of A (r̃, d_in), docs/methods.md §2.4
     "kaiming_uniform": kaiming_uniform_,  # U(±1/√d_in)
     "xavier_normal": nn.init.xavier_normal_,  # N(0, 2/(d_in + r̃))
     "normal": lambda a: nn.init.normal_(a, 0.0, a.shape[1] ** -0.5),  # N(0, 1/d_in)
@@ -25,7 +25,7 @@ _A_INITS = {  # AuroraConfig.a_init → init of A (r̃, d_in), METHODS §2.4
 class AuroraAdapter(AdapterBase):
     """AuroRA: ``Δ(x) = (α/r̃)·B·σ(A·drop(x))``, ``σ(z) = tanh(H·tanh z) + W_s·Σ_i basis(z_i)``.
 
-    Init (METHODS §2.4): A by ``config.a_init`` (Kaiming-uniform(a=√5) by default); B zero (the
+    Init (docs/methods.md §2.4): A by ``config.a_init`` (Kaiming-uniform(a=√5) by default); B zero (the
     output starts at exactly 0);
     H Xavier-normal; Ws U(±spline_init). The knot vector is a non-persistent float64 buffer
     rebuilt from the config (also after ``.to()``/``.double()``, so casts never round it).

@@ -12,7 +12,7 @@ The op takes the base linear's output and accumulates the adapter into it in one
 the ``(N, d_out)`` output in the forward and another in the backward; the scale is folded into
 the tiny B. Only cubic splines (K = 3) on a uniform grid are fused: the basis is evaluated in
 its symmetric closed form ``(relu(2h − |z − c_k|)³ − 4·relu(h − |z − c_k|)³)/(6h³)`` (see
-``spline_basis``; the same function as METHODS §2.2's recursion), in float32 or wider, exactly
+``spline_basis``; the same function as docs/methods.md §2.2's recursion), in float32 or wider, exactly
 as the oracle ``aurora_fx.functional.aurora_delta``. The ``(N, r̃, G+K)`` basis exists only
 transiently, in the forward and again in the backward, never saved.
 
@@ -48,7 +48,7 @@ def spline_basis(z: Tensor, grid_lo: float, grid_step: float, num_bases: int,
         B_k(z)  = (relu(2h − |v|)³ − 4·relu(h − |v|)³) / (6h³)
         B_k'(z) = sign(v)·(−3·relu(2h − |v|)² + 12·relu(h − |v|)²) / (6h³)
 
-    the same function as METHODS §2.2's recursion (tested to 1e-14), zero outside the support
+    the same function as docs/methods.md §2.2's recursion (tested to 1e-14), zero outside the support
     with no mask, and only ~10 elementwise ops on an ``(..., r, G+K)`` tensor: no index, gather or
     scatter. Returns ``(basis, derivative or None)``, each ``(..., G+K)`` per element of ``z``.
     """

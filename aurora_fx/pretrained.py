@@ -1,0 +1,110 @@
+"""Saved models come back whole: ``model.save_pretrained(folder)`` after ``apply``, then
+``aurora_fx.from_pretrained(ModelClass, folder)``.
+
+An adapted model's ``state_dict`` holds the adapter tensors (they are its parameters and
+buffers) and, under the key ``aurora_fx.adapters``, the adapter record: the JSON header that
+``save_adapters`` writes (sites, configs, state, base fingerprints, trainable modules) as a uint8
+tensor, computed when the state dict is taken, so it always describes the adapters as they are.
+``load_state_dict`` drops that key again. So HF's own ``save_pretrained`` writes everything, and
+``from_pretrained`` loads the base with the class's own ``from_pretrained``, reads the record and
+the adapter tensors from the folder's safetensors files, then runs find → check → attach. The
+class's own ``from_pretrained`` alone loads the base only (it reports the adapter tensors as
+unexpected keys).
+
+Example:
+    >>> aurora_fx.apply(model, "q_proj|v_proj"); train(model)
+    >>> model.save_pretrained("runs/llama")
+    >>> again = aurora_fx.from_pretrained(LlamaForCausalLM, "runs/llama")   # adapters included
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from aurora_fx.checkpoint import CheckpointError, adapter_metadata, load_checkpoint, parse_metadata
+
+__all__ = ["from_pretrained", "install_record_hooks", "RECORD_KEY"]
+
+RECORD_KEY = "aurora_fx.adapters"  # the state_dict key of the adapter record
+_HOOKED = "_aurora_fx_record_hooks"
+
+
+def _add_record(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    meta = adapter_metadata(module)
+    if meta["sites"]:
+        data = bytearray(json.dumps(meta).encode())
+        state_dict[prefix + RECORD_KEY] = torch.frombuffer(data, dtype=torch.uint8).clone()
+
+
+def _drop_record(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    state_dict.pop(prefix + RECORD_KEY, None)
+
+
+def install_record_hooks(model: nn.Module) -> None:
+    """Make ``model.state_dict()`` carry the adapter record and ``load_state_dict`` drop it (once)."""
+    if not model.__dict__.get(_HOOKED):
+        model.register_state_dict_post_hook(_add_record)
+        model.register_load_state_dict_pre_hook(_drop_record)
+        model.__dict__[_HOOKED] = True
+
+
+def _read_folder(folder: Path) -> tuple[dict | None, dict[str, torch.Tensor]]:
+    """The adapter record and every tensor of the folder's safetensors files that belongs to it."""
+    files = sorted(folder.glob("*.safetensors"))
+    meta = None
+    for file in files:
+        with safe_open(str(file), framework="pt") as fh:
+            if RECORD_KEY in fh.keys():  # noqa: SIM118 - safe_open has no __contains__
+                meta = json.loads(bytes(fh.get_tensor(RECORD_KEY).tolist()).decode())
+    if meta is None:
+        return None, {}
+    wanted = {f"{s['owner']}.{s['attr']}." if s["owner"] else f"{s['attr']}.": s["path"] for s in meta["sites"]}
+    tensors = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as fh:
+            for key in fh.keys():  # noqa: SIM118
+                prefix, _, name = key.rpartition(".")
+                if prefix + "." in wanted:
+                    tensors[f"adapters/{wanted[prefix + '.']}/{name}"] = fh.get_tensor(key)
+    return meta, tensors
+
+
+def from_pretrained(model_class, folder: str | os.PathLike, *, fuse: bool = True, check_base: bool = True,
+                    **kwargs) -> nn.Module:
+    """Load a folder written by ``save_pretrained`` after ``aurora_fx.apply``, adapters included.
+
+    Steps: ``model_class.from_pretrained(folder, **kwargs)`` (the base) → read the adapter record
+    and tensors from the folder → find → check → attach.
+
+    Args:
+        model_class: The HF class (``LlamaForCausalLM``, ``AutoModelForCausalLM``, ...).
+        folder: The ``save_pretrained`` folder.
+        fuse: Use fused ops where the method has one.
+        check_base: Check the loaded base weights against the fingerprints saved with the adapters.
+        **kwargs: Passed to ``model_class.from_pretrained`` (e.g. ``dtype``).
+
+    Raises:
+        CheckpointError: The folder holds no aurora_fx adapter record (it was saved without
+            adapters: load it with the class's own ``from_pretrained``), or the adapters do not fit.
+    """
+    folder = Path(folder)
+    meta, tensors = _read_folder(folder)
+    if meta is None:
+        raise CheckpointError(f"{str(folder)!r} holds no aurora_fx adapters (no {RECORD_KEY!r} tensor in its "
+                              f"safetensors files); it was saved without adapters, so "
+                              f"{model_class.__name__}.from_pretrained loads it as it is")
+    hf_logger = logging.getLogger("transformers.modeling_utils")
+    level = hf_logger.level
+    hf_logger.setLevel(logging.ERROR)  # the adapter tensors are "unexpected" to the base class
+    try:
+        model = model_class.from_pretrained(folder, **kwargs)
+    finally:
+        hf_logger.setLevel(level)
+    return load_checkpoint(model, parse_metadata(folder, meta, tensors), fuse=fuse, check_base=check_base)
