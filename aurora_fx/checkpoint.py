@@ -118,8 +118,11 @@ def save_adapters(model: nn.Module, path: str | os.PathLike, *, extra: dict[str,
 
 
 def adapter_metadata(model: nn.Module, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The JSON record of ``model``'s adapters: format, model class, sites (config, state, base
-    fingerprint), trainable modules (what ``save_adapters`` writes in its header)."""
+    """The JSON record of ``model``'s adapters (what ``save_adapters`` writes in its header).
+
+    It holds the format, the model class, per site its owner, parameter, adapter attribute, kind,
+    layout, shape, config, state and base-weight fingerprint, and the trainable modules.
+    """
     sites = []
     for owner, gm, b in iter_bindings(model):
         adapter = gm.get_submodule(b.attr)

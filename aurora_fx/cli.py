@@ -84,7 +84,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"AROMA ranks: {controller.ranks()}")
     after = evaluate(model, test_enc, progress=not args.quiet)
     path = aurora_fx.save_adapters(model, Path(args.out) / "adapters.safetensors", extra={
-        "base_model": _absolute(args.model), "held_out": len(test), "num_labels": len(data.label_names), "labels": list(data.label_names),
+        "base_model": _absolute(args.model), "held_out": len(test), "num_labels": len(data.label_names),
+        "labels": list(data.label_names),
         "accuracy_before": before, "accuracy_after": after, "steps": args.steps})
     summary = {"accuracy_before": round(before, 4), "accuracy_after": round(after, 4),
                "train_seconds": round(result.seconds, 1), "checkpoint": str(path)}

@@ -1,5 +1,4 @@
-"""Saved models come back whole: ``model.save_pretrained(folder)`` after ``apply``, then
-``aurora_fx.from_pretrained(ModelClass, folder)``.
+"""Saved models come back whole: ``save_pretrained`` after ``apply``, then ``from_pretrained``.
 
 An adapted model's ``state_dict`` holds the adapter tensors (they are its parameters and
 buffers) and, under the key ``aurora_fx.adapters``, the adapter record: the JSON header that
