@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 __all__ = ["AromaController", "AromaLR", "AromaCallback", "SiteRank", "OuterStep"]
 
 logger = logging.getLogger("aurora_fx.aroma")
+_IDLE_WARNING = 10  # calls in a row without an optimizer step before a warning
 
 
 class AromaLR(torch.optim.lr_scheduler.LambdaLR):
@@ -199,7 +200,7 @@ class AromaController:
         self._rewarm = None if callable(getattr(scheduler, "rewarm", None)) else _Rewarm(optimizer, rewarm_steps)
         self.tracks = self._collect(model)
         self._check_optimizer(optimizer)
-        self.since = self.outer = self.all_converged = self.steps = 0
+        self.since = self.outer = self.all_converged = self.steps = self.skipped_steps = self._idle = 0
         self._last_opt_step: float | None = None
         self.history: list[OuterStep] = []
 
@@ -235,9 +236,13 @@ class AromaController:
 
     # -- the per-step entry point ------------------------------------------------------------
     def step(self) -> None:
-        """Advance the controller by one optimizer step (docs/methods.md §3.2 ``on_step_end``)."""
-        self._check_called_after_optimizer_step()
-        if self.done:
+        """Advance the controller by one optimizer step (docs/methods.md §3.2 ``on_step_end``).
+
+        A call after which the optimizer did not step (``torch.amp.GradScaler`` skips steps whose
+        gradients overflowed; HF Trainer calls ``on_step_end`` after those too) changes nothing:
+        it is counted in ``skipped_steps``.
+        """
+        if not self._optimizer_stepped() or self.done:
             return
         self.steps += 1
         self.since += 1
@@ -249,17 +254,22 @@ class AromaController:
             self._outer_step()
             self.since = 0
 
-    def _check_called_after_optimizer_step(self) -> None:
+    def _optimizer_stepped(self) -> bool:
+        """Whether the optimizer stepped since the last call (its step count on an active piece moved)."""
         active = next((t.adapter.A for t in self.tracks if not t.converged), None)
-        state = self.optimizer.state.get(active, {}) if active is not None else {"step": -1}
-        if not state:
-            raise RuntimeError("AromaController.step() was called before any optimizer.step(); call it once after "
-                               "each optimizer.step() (and after lr_scheduler.step())")
-        current = float(state.get("step", -1))
-        if self._last_opt_step is not None and current == self._last_opt_step and current >= 0:
-            raise RuntimeError("AromaController.step() was called twice without an optimizer.step() in between; "
-                               "call it exactly once per optimizer step")
+        if active is None:
+            return True
+        state = self.optimizer.state.get(active, {})
+        current = float(state["step"]) if "step" in state else None
+        stepped = current is not None and current != self._last_opt_step
         self._last_opt_step = current
+        self.skipped_steps += not stepped
+        self._idle = 0 if stepped else self._idle + 1
+        if self._idle == _IDLE_WARNING:
+            logger.warning("AromaController.step() saw no optimizer step for %d calls in a row; call it once after "
+                           "each optimizer.step() (GradScaler skipping overflowed steps is the other reason)",
+                           self._idle)
+        return stepped
 
     def _inner_check(self) -> None:
         open_tracks = [t for t in self.tracks if not (t.converged or t.stabilized)]

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 import torch.fx as fx
 from torch import nn
 
@@ -31,7 +32,7 @@ from aurora_fx.records import SiteRequest
 from aurora_fx.registry import build_adapter
 from aurora_fx.tracing import get_submodule
 
-__all__ = ["attach", "OwnerPlan", "plan_owners", "resolve_trainable", "Fill"]
+__all__ = ["attach", "adapter_dtype", "OwnerPlan", "plan_owners", "resolve_trainable", "Fill"]
 
 Fill = Callable[[str, nn.Module], None]
 """``fill(site_path, adapter)`` writes weights into a freshly built adapter (may raise)."""
@@ -46,8 +47,19 @@ class OwnerPlan:
     new_bindings: tuple[Binding, ...]
 
 
+def adapter_dtype(weight_dtype: torch.dtype, requested: torch.dtype | None = None) -> torch.dtype:
+    """The dtype adapters get: ``requested``, else float32 on a bf16/fp16 base, else the base's.
+
+    Float32 keeps AdamW's updates on the tiny factors stable (like PEFT's ``autocast_adapter_dtype``).
+    """
+    if requested is not None:
+        return requested
+    return torch.float32 if weight_dtype in (torch.float16, torch.bfloat16) else weight_dtype
+
+
 def attach(model: nn.Module, requests: list[SiteRequest], fill: Fill | None = None,
-           trainable: tuple[str, ...] | None = None, *, fuse: bool = True) -> nn.Module:
+           trainable: tuple[str, ...] | None = None, *, fuse: bool = True,
+           dtype: torch.dtype | None = None) -> nn.Module:
     """Put the adapters of ``requests`` into ``model``: plan → fill → commit.
 
     Args:
@@ -57,12 +69,13 @@ def attach(model: nn.Module, requests: list[SiteRequest], fill: Fill | None = No
         trainable: Module paths that train besides the adapters (``resolve_trainable``); None
             keeps the model's current ones.
         fuse: Replace fusable adapter subgraphs by their fused ops.
+        dtype: Adapter dtype (default: ``adapter_dtype`` of each base weight).
 
     Returns:
         ``model``.
     """
     require(requests)
-    plans = plan_owners(model, requests, fuse)
+    plans = plan_owners(model, requests, fuse, dtype)
     if fill is not None:
         for plan in plans:
             for b in plan.new_bindings:
@@ -73,15 +86,17 @@ def attach(model: nn.Module, requests: list[SiteRequest], fill: Fill | None = No
     return model
 
 
-def plan_owners(model: nn.Module, requests: list[SiteRequest], fuse: bool) -> list[OwnerPlan]:
+def plan_owners(model: nn.Module, requests: list[SiteRequest], fuse: bool,
+                dtype: torch.dtype | None = None) -> list[OwnerPlan]:
     """Build every rewritten owner for ``requests`` (the model is untouched)."""
     groups: dict[str, list[SiteRequest]] = {}
     for request in requests:
         groups.setdefault(request.site.owner, []).append(request)
-    return [_plan_owner(model, path, group, fuse) for path, group in groups.items()]
+    return [_plan_owner(model, path, group, fuse, dtype) for path, group in groups.items()]
 
 
-def _plan_owner(model: nn.Module, path: str, requests: list[SiteRequest], fuse: bool) -> OwnerPlan:
+def _plan_owner(model: nn.Module, path: str, requests: list[SiteRequest], fuse: bool,
+                dtype: torch.dtype | None) -> OwnerPlan:
     current = get_submodule(model, path)
     state = owner_state(current)
     graph = copy_graph(current.graph) if state is not None else owner_graph(current)
@@ -96,7 +111,7 @@ def _plan_owner(model: nn.Module, path: str, requests: list[SiteRequest], fuse: 
         weight = current._parameters[site.param]
         attr = adapter_attr(current, site.param)
         adapters[attr] = build_adapter(request.config, site.in_features, site.out_features,
-                                       device=weight.device, dtype=weight.dtype)
+                                       device=weight.device, dtype=adapter_dtype(weight.dtype, dtype))
         bindings.append(Binding(site.path, site.param, attr, site.kind, site.layout))
     old = state.bindings if state is not None else ()
     gm = build_owner(current, graph, adapters, old + tuple(bindings))

@@ -38,14 +38,14 @@ def apply(
     config: AdapterConfig | object | None = None,
     trainable_modules: Pattern = None,
     fuse: bool = True,
+    dtype: torch.dtype | None = None,
 ) -> nn.Module:
     """Put adapters on every linear-like site whose path matches ``pattern``.
 
-    Each matched site's owner (the ``nn.Linear``/``Conv1D`` itself, or the module whose own
-    forward calls ``F.linear``/``@`` on its parameter) becomes a GraphModule computing
-    ``base(x) + adapter(x)``. The model keeps its class and methods (``generate``, ``config``,
-    ``save_pretrained``, timm's ``default_cfg``). All base parameters are frozen; adapter
-    parameters, and those of ``trainable_modules``, train.
+    Each matched site's owner (the ``nn.Linear``/``Conv1D``, or the module whose own forward calls
+    ``F.linear``/``@`` on its parameter) becomes a GraphModule computing ``base(x) + adapter(x)``;
+    the model keeps its class and methods. Base parameters freeze; adapters and
+    ``trainable_modules`` train.
 
     Args:
         model: Any ``nn.Module``; modified in place and returned.
@@ -62,23 +62,21 @@ def apply(
         trainable_modules: Pattern over module paths whose parameters also train (e.g. a new
             classification head: ``"classifier"``).
         fuse: Replace each fusable adapter subgraph by its fused op (AuroRA's ``aurora_delta_add``).
+        dtype: Adapter dtype; default float32 on a bf16/fp16 base (PEFT's ``autocast_adapter_dtype``),
+            else the base's. Adapters compute in it and add into the base output in the base's.
 
     Returns:
         ``model`` itself.
 
     Raises:
-        ValueError: Nothing matched (the message lists the candidates), a matched site cannot
-            be adapted or already is, or a value is invalid.
+        ValueError: Nothing matched (the message lists candidates), or a matched site cannot take it.
 
     Example:
         >>> model = aurora_fx.apply(bert, pattern="query|value")   # AuroRA r̃=2, α=4
         >>> print(model.encoder.layer[0].attention.self.query.code)  # doctest: +SKIP
-        def forward(self, input):
-            ...
             linear = torch._C._nn.linear(input, weight, bias)
             aurora_delta_add = torch.ops.aurora_fx.aurora_delta_add.default(linear, input, adapter_a, ...)
-            getitem = aurora_delta_add[0]
-            return getitem
+            return aurora_delta_add[0]
     """
     pattern = _peft_pattern(config, pattern)
     config = make_config(method, rank, alpha, dropout, config)
@@ -86,7 +84,7 @@ def apply(
     table = find_sites(model, matcher)
     requests = select_requests(model, table, matcher, config)
     trainable = resolve_trainable(model, trainable_modules)
-    return attach(model, requests, trainable=trainable, fuse=fuse)
+    return attach(model, requests, trainable=trainable, fuse=fuse, dtype=dtype)
 
 
 def _peft_pattern(config: object, pattern: Pattern) -> Pattern:

@@ -143,16 +143,24 @@ def test_no_m_by_n_product_is_formed():
     assert biggest[2] < D_IN * D_OUT, biggest  # largest tensor is U or V, never (m, n)
 
 
-def test_misuse_is_caught():
+def test_calls_without_an_optimizer_step_are_skipped_and_warned_about(caplog):
     model, _ = _toy()
     optimizer = torch.optim.Adam(aurora_fx.trainable_parameters(model), lr=1e-3)
     ctl = AromaController(model, optimizer)
-    with pytest.raises(RuntimeError, match="before any optimizer.step"):
-        ctl.step()
+    ctl.step()  # before any optimizer step (a GradScaler may skip the first ones)
     _frozen_step(model, optimizer)
     ctl.step()
-    with pytest.raises(RuntimeError, match="called twice without an optimizer.step"):
-        ctl.step()
+    ctl.step()  # twice without an optimizer step in between
+    assert (ctl.steps, ctl.skipped_steps) == (1, 2)
+    with caplog.at_level("WARNING", logger="aurora_fx.aroma"):
+        for _ in range(10):
+            ctl.step()
+    assert "saw no optimizer step for 10 calls in a row" in caplog.text and ctl.steps == 1
+
+
+def test_misuse_is_caught():
+    model, _ = _toy()
+    optimizer = torch.optim.Adam(aurora_fx.trainable_parameters(model), lr=1e-3)
     with pytest.raises(ValueError, match="needs AROMA adapters"):
         AromaController(aurora_fx.apply(nn.Sequential(nn.Linear(4, 4)), "0"), optimizer)
     with pytest.raises(ValueError, match="optimizer does not hold the AROMA parameters"):

@@ -91,11 +91,6 @@ def corrupt(tmp: Any, how: str) -> Any:
     return path
 
 
-def aroma_controller_before_step() -> None:
-    model = adapted("aroma")
-    AromaController(model, torch.optim.Adam(aurora_fx.trainable_parameters(model))).step()
-
-
 @dataclass(frozen=True)
 class Case:
     id: str
@@ -179,8 +174,6 @@ CASES_ERR = [
     Case("controller-without-aroma", lambda t: AromaController(adapted(), torch.optim.Adam(
         aurora_fx.trainable_parameters(adapted()))), ValueError,
          r"needs AROMA adapters.*apply\(model, pattern, method='aroma'\)"),
-    Case("controller-before-step", lambda t: aroma_controller_before_step(), RuntimeError,
-         r"called before any optimizer\.step\(\); call it once after each optimizer\.step\(\)"),
     Case("controller-bad-arg", lambda t: AromaController(adapted("aroma"), torch.optim.Adam(
         aurora_fx.trainable_parameters(adapted("aroma"))), inner_check_every=0), ValueError,
          r"inner_check_every must be an integer >= 1, got 0"),

@@ -27,7 +27,7 @@ def _shipped_text_files() -> list[Path]:
 
 
 def test_nothing_cites_spec_files_that_are_not_in_the_repository():
-    files = _shipped_text_files()
+    files = [f for f in _shipped_text_files() if f.name != Path(__file__).name]  # this file names them
     assert len(files) > 50
     cited = [str(f.relative_to(ROOT)) for f in files
              if re.search(r"\b(METHODS|PLATFORM|DESIGN|STYLE)\.md\b|shared/spec|METHODS §", f.read_text())]

@@ -42,7 +42,7 @@ class ScaledAdapter(AdapterBase):
         self.g = nn.Parameter(torch.ones((), device=device, dtype=dtype))
 
     def forward(self, x):
-        return self.oracle_delta(self._drop(x))
+        return self.oracle_delta(self._input(x, self.A))
 
     def oracle_delta(self, x):
         return F.linear(F.linear(x, self.A), self.B) * (self.g * self.scale)

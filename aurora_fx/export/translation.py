@@ -14,8 +14,9 @@ at once), added to the tanh branch ``tanh(tanh(z)·Hᵀ)``: ``σ``, r̃ wide; th
 ``out = base + σ·(s·Bᵀ)``. The weight products depend on initializers only, so onnxruntime folds
 them once at load: 13 runtime nodes per site. Every MatMul keeps one side r̃ wide or narrow:
 onnxruntime's CPU GEMM pads the narrow output side to 16 columns, so a wide-K product such as
-``(N, 2·r·(G+K))·(…, d_out)`` costs as much as the whole spline. The spline runs in the graph's
-float type.
+``(N, 2·r·(G+K))·(…, d_out)`` costs as much as the whole spline. The adapter runs in its weights'
+float type: on a half-precision base with float32 adapters (the default), x is cast to float32 and
+the delta back to the base's type (two Cast nodes), so the spline stays float32 as in the op.
 
 ATen schema: ``aurora_fx::aurora_delta_add(Tensor base, Tensor x, Tensor A, Tensor B, Tensor H,
 Tensor Ws, float scale, float grid_lo, float grid_step) -> (Tensor, Tensor)``.
@@ -84,10 +85,16 @@ def aurora_delta_add_onnx(base, x, A, B, H, Ws, scale: float, grid_lo: float, gr
     dtype = _float_dtype(Ws, A, x)
     rank, num_bases = _static_dims(Ws)
     expand, offsets, radii = spline_layout(rank, num_bases, grid_lo, grid_step)
+    x = _cast(x, getattr(x, "dtype", None), dtype)  # float32 adapters on a half base compute in float32
     z = op.MatMul(x, op.Transpose(A, perm=[1, 0]))
     fixed = op.Tanh(op.MatMul(op.Tanh(z), op.Transpose(H, perm=[1, 0])))
     distance = op.Abs(op.Add(op.MatMul(z, _const(expand, dtype)), _const(offsets, dtype)))
     cubes = op.Pow(op.Relu(op.Sub(_const(radii, dtype), distance)), _const(3.0, dtype))
     sigma = op.Add(fixed, op.MatMul(cubes, _spline_weights(Ws, rank, grid_step, dtype)))  # (..., r)
     up = op.Mul(op.Transpose(B, perm=[1, 0]), _const(scale, dtype))  # scale folded into the tiny factor
-    return op.Add(base, op.MatMul(sigma, up)), z
+    return op.Add(base, _cast(op.MatMul(sigma, up), dtype, getattr(base, "dtype", None))), z
+
+
+def _cast(value, have, want):
+    """``value`` (of type ``have``) as ``want``: a Cast node only where both are known and differ."""
+    return value if have is None or want is None or have == want else op.Cast(value, to=want)

@@ -60,7 +60,8 @@ class AromaAdapter(AdapterBase):
 
     def forward(self, x: Tensor) -> Tensor:
         """Merged pieces ``U·V·x`` plus the active piece's LoRA delta."""
-        return AF.factors_delta(x, self.U, self.V) + AF.lora_delta(self._drop(x), self.A, self.B, self.scale)
+        merged = AF.factors_delta(x.to(self.U.dtype), self.U, self.V)
+        return merged + AF.lora_delta(self._input(x, self.A), self.A, self.B, self.scale)
 
     def oracle_delta(self, x: Tensor) -> Tensor:
         """``U·V·x + s·B·A·x`` from the oracle."""

@@ -60,7 +60,8 @@ class AuroraAdapter(AdapterBase):
 
     def forward(self, x: Tensor) -> Tensor:
         """The AuroRA delta ``s·B·σ(A·drop(x))`` (reference path; the fuse pass swaps in the op)."""
-        return AF.aurora_delta(self._drop(x), self.A, self.B, self.H, self.Ws, self.knots, self.scale, self.order)
+        x = self._input(x, self.A)
+        return AF.aurora_delta(x, self.A, self.B, self.H, self.Ws, self.knots, self.scale, self.order)
 
     def fusion(self) -> Fusion | str:
         """``aurora_delta_add(base, x, A, B, H, Ws, s, lo, h)`` for cubic splines."""
@@ -74,7 +75,8 @@ class AuroraAdapter(AdapterBase):
         """``s·B·σ(A·x)`` from the oracle, with knots rebuilt from the config."""
         cfg = self.config
         knots = AF.spline_knots(cfg.grid_size, cfg.spline_order, cfg.grid_range, dtype=torch.float64)
-        return AF.aurora_delta(x, self.A, self.B, self.H, self.Ws, knots.to(x.device), cfg.scale, cfg.spline_order)
+        knots = knots.to(x.device)
+        return AF.aurora_delta(x, self.A, self.B, self.H, self.Ws, knots, cfg.scale, cfg.spline_order)
 
     def delta_weight(self, lossy: bool = False) -> Tensor:
         """The paper's static merge ``s·B·σ(Aᵀ)ᵀ``; lossy, so ``lossy=True`` is required."""

@@ -16,7 +16,9 @@ other module tests for a concrete adapter class:
 * **sites**: ``check_site(site, config)`` (a method's own refusal, called by ``passes.check``).
 
 Adapters never compute the base ``W0·x + b0``: the owner graph adds their output to the base
-node (``passes/insert_adapters.py``). All map ``(..., in_features) → (..., out_features)``.
+node (``passes/insert_adapters.py``), cast to the base output's dtype. All map
+``(..., in_features) → (..., out_features)``, computing in their parameters' dtype (``_input``
+casts x to it).
 """
 
 from __future__ import annotations
@@ -69,7 +71,9 @@ class AdapterBase(nn.Module):
         self.scale = config.scale
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else None
 
-    def _drop(self, x: Tensor) -> Tensor:
+    def _input(self, x: Tensor, like: Tensor) -> Tensor:
+        """``drop(x)`` in the dtype of ``like`` (an adapter parameter): float32 adapters on a half base."""
+        x = x.to(like.dtype)
         return self.dropout(x) if self.dropout is not None else x
 
     # -- identity -------------------------------------------------------------------------------

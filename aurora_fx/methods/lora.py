@@ -31,7 +31,7 @@ class LoraAdapter(AdapterBase):
 
     def forward(self, x: Tensor) -> Tensor:
         """The LoRA delta ``s·B·A·drop(x)``."""
-        return AF.lora_delta(self._drop(x), self.A, self.B, self.scale)
+        return AF.lora_delta(self._input(x, self.A), self.A, self.B, self.scale)
 
     def oracle_delta(self, x: Tensor) -> Tensor:
         """``s·B·A·x`` from the oracle."""

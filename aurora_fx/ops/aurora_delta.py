@@ -18,6 +18,11 @@ transiently, in the forward and again in the backward, never saved.
 
 Shapes: base ``(..., d_out)``, x ``(..., d_in)``, A ``(r, d_in)``, B ``(d_out, r)``,
 H ``(r, r)``, Ws ``(r, G+3)``; z ``(..., r)``.
+
+Dtypes: the adapter computes in its parameters' dtype (x is cast to it; float32 adapters on a
+bf16/fp16 base, aurora_fx's default) and adds into ``base`` in base's dtype. Under autocast
+(CPU or CUDA, bf16 or fp16) every floating input is first cast to the autocast dtype, as autocast
+does for the unfused graph's linears; the spline always runs in float32 or wider.
 """
 
 from __future__ import annotations
@@ -92,10 +97,10 @@ def aurora_delta_add(
 ) -> tuple[Tensor, Tensor]:
     """``(base + scale·B·σ(A·x), A·x)``: the fused AuroRA adapter (see the module docstring)."""
     d_in, d_out, r = x.shape[-1], B.shape[0], A.shape[0]
-    x2 = x.reshape(-1, d_in)  # (N, d_in)
+    x2 = x.reshape(-1, d_in).to(A.dtype)  # (N, d_in), in the adapter's dtype
     # Outputs are allocated in their final shapes and written with out=: returning a reshaped view
     # would make the autograd wrapper clone the whole (N, d_out) output.
-    z = x.new_empty(*x.shape[:-1], r)
+    z = x.new_empty(*x.shape[:-1], r, dtype=A.dtype)
     torch.mm(x2, A.t(), out=z.view(-1, r))  # (N, r)
     sigma = _anl(z.view(-1, r), H, Ws, grid_lo, grid_step).sigma  # (N, r)
     base2 = base.reshape(-1, d_out)
@@ -110,7 +115,7 @@ def aurora_delta_add(
 
 @aurora_delta_add.register_fake
 def _(base, x, A, B, H, Ws, scale, grid_lo, grid_step):
-    return torch.empty_like(base), x.new_empty(*x.shape[:-1], A.shape[0])
+    return torch.empty_like(base), x.new_empty(*x.shape[:-1], A.shape[0], dtype=A.dtype)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -124,7 +129,7 @@ def _backward(ctx, grad_out: Tensor, grad_z: Tensor | None):
     scale, grid_lo, grid_step = ctx.hyper
     d_in, d_out, r = x.shape[-1], B.shape[0], A.shape[0]
     need = ctx.needs_input_grad
-    x2, z2, g = x.reshape(-1, d_in), z.reshape(-1, r), grad_out.reshape(-1, d_out)
+    x2, z2, g = x.reshape(-1, d_in).to(A.dtype), z.reshape(-1, r), grad_out.reshape(-1, d_out).to(A.dtype)
     # Recompute the cheap N×r pieces of the forward.
     sigma, a, f, summed, slope = _anl(z2, H, Ws, grid_lo, grid_step, derivative=True)
     ws = Ws.to(summed.dtype)
@@ -143,10 +148,36 @@ def _backward(ctx, grad_out: Tensor, grad_z: Tensor | None):
     grad_Ws = (gs.t() @ summed).to(Ws.dtype) if need[5] else None
     if grad_z is not None:
         g_z = g_z + grad_z.reshape(-1, r)
-    grad_x = (g_z @ A).reshape(x.shape) if need[1] else None
+    grad_x = (g_z @ A).reshape(x.shape).to(x.dtype) if need[1] else None
     grad_A = g_z.t() @ x2 if need[2] else None
     grad_base = grad_out if need[0] else None
     return grad_base, grad_x, grad_A, grad_B, grad_H, grad_Ws, None, None, None
 
 
 aurora_delta_add.register_autograd(_backward, setup_context=_setup_context)
+
+_LIB = torch.library.Library("aurora_fx", "IMPL")  # keeps the autocast registrations alive
+
+
+def _register_autocast(device_type: str) -> None:
+    """Register the op's autocast rule for ``device_type``.
+
+    Under autocast, every floating input is cast to the autocast dtype of the moment (bf16 or fp16),
+    as autocast does for the unfused graph's linears; the spline inside still runs in float32.
+    """
+    key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+    excluded = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+
+    def kernel(_keyset, base, x, A, B, H, Ws, scale, grid_lo, grid_step):
+        dtype = torch.get_autocast_dtype(device_type)
+        tensors = (base, x, A, B, H, Ws)
+        cast = [t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t for t in tensors]
+        with torch._C._ExcludeDispatchKeyGuard(excluded):
+            return aurora_delta_add(*cast, scale, grid_lo, grid_step)
+
+    _LIB.impl("aurora_delta_add", kernel, key, with_keyset=True)
+
+
+for _device in ("cpu", "cuda"):
+    if torch.amp.is_autocast_available(_device):
+        _register_autocast(_device)

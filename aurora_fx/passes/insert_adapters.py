@@ -102,9 +102,11 @@ def _insert_one(graph: fx.Graph, base: fx.Node, x: fx.Node, binding: Binding, ad
     """``base`` → ``base + adapter(x)`` for all of ``base``'s users."""
     with graph.inserting_before(base.next):
         delta = inline_adapter(graph, _adapter_inputs(graph, x, binding, adapter), binding.attr, adapter)
-        total = graph.call_function(operator.add, (base, delta))
+        cast = graph.call_method("type_as", (delta, base))  # float32 adapters on a half base add in its dtype
+        tag(cast, binding.attr)
+        total = graph.call_function(operator.add, (base, cast))
     tag(total, binding.attr, Role.SUM)
-    base.replace_all_uses_with(total, delete_user_cb=lambda user: user is not total)
+    base.replace_all_uses_with(total, delete_user_cb=lambda user: user not in (total, cast))
 
 
 def insert_adapters(gm: fx.GraphModule, bindings: Iterable[Binding]) -> PassResult:
