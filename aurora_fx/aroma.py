@@ -32,6 +32,7 @@ from torch import nn
 
 from aurora_fx import functional as AF
 from aurora_fx.config import AromaConfig
+from aurora_fx.distributed import agree, assign, full
 from aurora_fx.owners import iter_bindings
 from aurora_fx.records import weight_out_in
 
@@ -153,18 +154,6 @@ class OuterStep:
     trainable_params: int
 
 
-def _world() -> int:
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _agree(values: torch.Tensor) -> torch.Tensor:
-    """The same values on every rank (rank 0's), so all ranks decide alike (docs/methods.md §3.6)."""
-    if _world() > 1:
-        torch.distributed.broadcast(values, src=0)
-    return values
-
-
 class AromaController:
     """Drives AROMA's inner and outer loops; call ``step()`` once after each ``optimizer.step()``.
 
@@ -275,20 +264,20 @@ class AromaController:
         open_tracks = [t for t in self.tracks if not (t.converged or t.stabilized)]
         rel = torch.full((len(open_tracks),), math.inf, dtype=torch.float64)
         for i, t in enumerate(open_tracks):  # visit every site; never short-circuit
-            A, B = t.adapter.A.detach(), t.adapter.B.detach()
+            A, B = full(t.adapter.A), full(t.adapter.B)
             if t.snap is not None:
                 denom = AF.lowrank_norm2(t.snap[1], t.snap[0]).sqrt()
                 if denom > 0:
                     rel[i] = AF.lowrank_diff_norm2(B, A, t.snap[1], t.snap[0]).sqrt() / denom
             t.snap = (A.clone(), B.clone())
-        rel = _agree(rel)
+        rel = agree(rel)
         for t, r in zip(open_tracks, rel.tolist(), strict=False):
             t.stabilized = r < self.inner_threshold
 
     # -- outer step ---------------------------------------------------------------------------
     def _outer_step(self) -> None:
         self.outer += 1
-        ratios = _agree(torch.tensor([self._outer_ratio(t) for t in self.tracks], dtype=torch.float64))
+        ratios = agree(torch.tensor([self._outer_ratio(t) for t in self.tracks], dtype=torch.float64))
         merged, converged = [], []
         gen = torch.Generator().manual_seed(hash((self.seed, self.outer)) % (2**62))
         for t, ratio in zip(self.tracks, ratios.tolist(), strict=False):
@@ -313,8 +302,8 @@ class AromaController:
     def _outer_ratio(self, t: _Track) -> float:
         if t.converged:
             return 0.0
-        s = t.adapter.scale
-        return s * AF.lowrank_norm2(t.adapter.B, t.adapter.A).sqrt().item() / math.sqrt(max(t.wnorm2, 1e-300))
+        s, a, b = t.adapter.scale, full(t.adapter.A), full(t.adapter.B)
+        return s * AF.lowrank_norm2(b, a).sqrt().item() / math.sqrt(max(t.wnorm2, 1e-300))
 
     def _merge(self, t: _Track, gen: torch.Generator) -> None:
         a = t.adapter
@@ -340,11 +329,10 @@ class AromaController:
                 for key in ("exp_avg", "exp_avg_sq", "momentum_buffer", "max_exp_avg_sq"):
                     buf = state.get(key)
                     if torch.is_tensor(buf):
-                        if self.exact_reset:
-                            buf.zero_()
-                        else:
-                            keep = torch.rand(buf.shape, generator=gen) >= self.prune_ratio
-                            buf.mul_(keep.to(device=buf.device, dtype=buf.dtype))
+                        whole = full(buf)  # drawn on the CPU for the whole tensor: the same masks on every rank
+                        keep = (torch.zeros(whole.shape, dtype=torch.bool) if self.exact_reset
+                                else torch.rand(whole.shape, generator=gen) >= self.prune_ratio)
+                        assign(buf, whole * keep.to(device=whole.device, dtype=whole.dtype))
 
     def _log(self, merged: list[str], converged: list[str]) -> None:
         trainable = sum(p.numel() for t in self.tracks for p in (t.adapter.A, t.adapter.B) if p.requires_grad)
@@ -387,13 +375,13 @@ class AromaController:
 
 def _apply_weight(weight: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """``W0·aᵀ`` (m×r) for a ``(d_out, d_in)`` weight view: a matrix-vector product."""
-    w = weight.detach()
-    return (w @ a.to(w.dtype).t()).double()  # in the weight's dtype: no m×n float64 copy of W
+    w = full(weight)
+    return (w @ a.to(device=w.device, dtype=w.dtype).t()).double()  # in W's dtype: no m×n float64 copy
 
 
 def _weff_norm2(adapter: AromaAdapter, weight: torch.Tensor) -> float:
     """``‖W0 + U·V‖²_F`` once at start (``‖W0‖²`` plus Gram traces; U·V never formed)."""
-    w2 = torch.linalg.vector_norm(weight.detach(), dtype=torch.float64).item() ** 2
+    w2 = torch.linalg.vector_norm(full(weight), dtype=torch.float64).item() ** 2
     if adapter.merged_rank == 0:
         return w2
     U, V = adapter.U.double(), adapter.V.double()
@@ -403,7 +391,7 @@ def _weff_norm2(adapter: AromaAdapter, weight: torch.Tensor) -> float:
 
 def _weff_norm2_after_merge(wnorm2: float, adapter: AromaAdapter, weight: torch.Tensor) -> float:
     """``‖W_eff + s·b·a‖² = ‖W_eff‖² + 2s·tr(bᵀ·W_eff·aᵀ) + ‖s·b·a‖²`` (docs/methods.md §3.4)."""
-    s, a, b = adapter.scale, adapter.A.detach().double(), adapter.B.detach().double()
+    s, a, b = adapter.scale, full(adapter.A).double(), full(adapter.B).double()
     weff_at = _apply_weight(weight, a) + adapter.U.double() @ (adapter.V.double() @ a.t())  # (m, r)
     return wnorm2 + 2 * s * torch.trace(b.t() @ weff_at).item() + s * s * AF.lowrank_norm2(b, a).item()
 

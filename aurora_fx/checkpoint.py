@@ -30,6 +30,7 @@ from torch import nn
 from aurora_fx.atomic import atomic_write_bytes
 from aurora_fx.attach import attach, resolve_trainable
 from aurora_fx.config import AdapterConfig
+from aurora_fx.distributed import full, is_main, model_class, world_size
 from aurora_fx.fingerprint import Fingerprint, differs, fingerprint
 from aurora_fx.model_state import model_state
 from aurora_fx.owners import iter_bindings
@@ -97,6 +98,8 @@ def save_adapters(model: nn.Module, path: str | os.PathLike, *, extra: dict[str,
     Returns:
         The file written.
 
+    Under DDP or FSDP2 call it on every rank: sharded tensors are gathered, rank 0 writes.
+
     Example:
         >>> aurora_fx.save_adapters(model, "runs/bbc")     # runs/bbc/adapters.safetensors
     """
@@ -111,9 +114,12 @@ def save_adapters(model: nn.Module, path: str | os.PathLike, *, extra: dict[str,
     for module_path in meta["trainable_modules"]:
         for name, p in get_submodule(model, module_path).named_parameters():
             tensors[f"modules/{module_path}.{name}"] = p
-    data = safetensors_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+    data = safetensors_save({k: full(v).contiguous().cpu() for k, v in tensors.items()},
                             metadata={_META_KEY: json.dumps(meta)})
-    atomic_write_bytes(target, data)
+    if is_main():  # the whole adapter once, from rank 0 (every rank gathered its shards above)
+        atomic_write_bytes(target, data)
+    if world_size() > 1:
+        torch.distributed.barrier()
     return target
 
 
@@ -135,7 +141,7 @@ def adapter_metadata(model: nn.Module, extra: dict[str, Any] | None = None) -> d
         })
     state = model_state(model)
     trainable = state.trainable_modules if state is not None else ()
-    return {"format": FORMAT, "format_version": FORMAT_VERSION, "model_class": type(model).__name__,
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "model_class": model_class(model).__name__,
             "sites": sites, "trainable_modules": list(trainable), "extra": extra or {}}
 
 
@@ -225,9 +231,9 @@ def load_checkpoint(model: nn.Module, ckpt: Checkpoint, *, fuse: bool = True, ch
 def _check_base(model: nn.Module, ckpt: Checkpoint) -> None:
     """The model is of the saved class and every adapted weight matches its saved fingerprint."""
     override = "pass check_base=False to load anyway"
-    if ckpt.model_class and ckpt.model_class != type(model).__name__:
+    if ckpt.model_class and ckpt.model_class != model_class(model).__name__:
         raise CheckpointError(f"checkpoint {str(ckpt.path)!r} was saved from a {ckpt.model_class}, but this model "
-                              f"is a {type(model).__name__}; load it onto the base it was trained on, or {override}")
+                              f"is a {model_class(model).__name__}; load it onto the base it was trained on, or {override}")
     for entry in ckpt.sites:
         if not entry.base:
             continue

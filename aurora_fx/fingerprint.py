@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from aurora_fx.distributed import full
+
 __all__ = ["Fingerprint", "fingerprint", "differs"]
 
 SAMPLES = 8
@@ -35,15 +37,10 @@ class Fingerprint:
         return cls(float(data["norm"]), tuple(float(v) for v in data["samples"]))
 
 
-def _full(weight: torch.Tensor) -> torch.Tensor:
-    """The whole tensor, gathering a sharded ``DTensor`` (FSDP2) first."""
-    return weight.full_tensor() if hasattr(weight, "full_tensor") else weight
-
-
 @torch.no_grad()
 def fingerprint(weight: torch.Tensor) -> Fingerprint | None:
     """The fingerprint of ``weight`` (None for weights without data, e.g. on the meta device)."""
-    w = _full(weight.detach())
+    w = full(weight)
     if w.is_meta or w.numel() == 0:
         return None
     flat = w.reshape(-1)

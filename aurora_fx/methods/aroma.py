@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from aurora_fx import functional as AF
 from aurora_fx.config import AromaConfig
+from aurora_fx.distributed import assign, full
 from aurora_fx.methods.base import AdapterBase, kaiming_uniform_
 from aurora_fx.registry import register_adapter
 
@@ -75,9 +76,13 @@ class AromaAdapter(AdapterBase):
 
     @torch.no_grad()
     def merge_active(self, generator: torch.Generator | None = None) -> None:
-        """Append ``s·B`` to U and A to V (exact), then restart the piece: A Kaiming, B zero."""
-        self.U = torch.cat([self.U, (self.B * self.scale).to(self.U.dtype)], dim=1)
-        self.V = torch.cat([self.V, self.A.to(self.V.dtype)], dim=0)
+        """Append ``s·B`` to U and A to V (exact), then restart the piece: A Kaiming, B zero.
+
+        Sharded (FSDP2) pieces are gathered first; U and V are whole on every rank.
+        """
+        a, b = full(self.A), full(self.B)
+        self.U = torch.cat([self.U, (b * self.scale).to(self.U.device, self.U.dtype)], dim=1)
+        self.V = torch.cat([self.V, a.to(self.V.device, self.V.dtype)], dim=0)
         self.reset_active(generator)
 
     @torch.no_grad()
@@ -93,8 +98,14 @@ class AromaAdapter(AdapterBase):
 
     @torch.no_grad()
     def reset_active(self, generator: torch.Generator | None = None) -> None:
-        """Re-initialise the active piece in place (same Parameter objects); seeded if given."""
-        kaiming_uniform_(self.A, generator=generator)
+        """Re-initialise the active piece in place (same Parameter objects); seeded if given.
+
+        A is drawn whole on the CPU (a CPU generator, float32) and copied in, so every rank and
+        every device gets the same values, sharded or not.
+        """
+        fresh = torch.empty(tuple(self.A.shape), dtype=torch.float32)
+        kaiming_uniform_(fresh, generator=generator)
+        assign(self.A, fresh)
         self.B.zero_()
         for p in (self.A, self.B):
             p.grad = None
