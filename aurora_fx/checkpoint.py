@@ -231,9 +231,10 @@ def load_checkpoint(model: nn.Module, ckpt: Checkpoint, *, fuse: bool = True, ch
 def _check_base(model: nn.Module, ckpt: Checkpoint) -> None:
     """The model is of the saved class and every adapted weight matches its saved fingerprint."""
     override = "pass check_base=False to load anyway"
-    if ckpt.model_class and ckpt.model_class != model_class(model).__name__:
+    name = model_class(model).__name__
+    if ckpt.model_class and ckpt.model_class != name:
         raise CheckpointError(f"checkpoint {str(ckpt.path)!r} was saved from a {ckpt.model_class}, but this model "
-                              f"is a {model_class(model).__name__}; load it onto the base it was trained on, or {override}")
+                              f"is a {name}; load it onto the base it was trained on, or {override}")
     for entry in ckpt.sites:
         if not entry.base:
             continue

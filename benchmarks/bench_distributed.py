@@ -43,8 +43,9 @@ def _bytes(tensors) -> int:
 
 
 def _build(method: str):
-    import aurora_fx
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    import aurora_fx
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**CONFIG)).train()
