@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from aurora_fx import functional as AF
+from aurora_fx.attach import rebuild_owner
 from aurora_fx.config import AromaConfig
 from aurora_fx.distributed import agree, assign, full
 from aurora_fx.owners import iter_bindings
@@ -39,7 +40,7 @@ from aurora_fx.records import weight_out_in
 if TYPE_CHECKING:
     from aurora_fx.methods.aroma import AromaAdapter
 
-__all__ = ["AromaController", "AromaLR", "AromaCallback", "SiteRank", "OuterStep"]
+__all__ = ["AromaController", "AromaLR", "AromaCallback", "SiteRank", "OuterStep", "Finalized"]
 
 logger = logging.getLogger("aurora_fx.aroma")
 _IDLE_WARNING = 10  # calls in a row without an optimizer step before a warning
@@ -118,6 +119,7 @@ class _Track:
     """Controller state of one site (internal, mutable)."""
 
     path: str
+    owner: str  # module path of the owner (rebuilt when the site freezes)
     adapter: AromaAdapter
     weight: torch.Tensor  # the base weight as (d_out, d_in), a view
     wnorm2: float
@@ -130,17 +132,35 @@ class _Track:
 
 @dataclass(frozen=True)
 class SiteRank:
-    """Rank bookkeeping of one site: merged pieces, and whether its active piece still counts."""
+    """Rank bookkeeping of one site.
+
+    Attributes:
+        path: The site.
+        pieces: Pieces merged so far.
+        effective: Effective rank of the merged update (the compacted factors' width).
+        active: Width of the active piece while it trains (0 once the site stopped).
+        converged: Whether the site stopped.
+    """
 
     path: str
-    merged: int
-    active: bool
+    pieces: int
+    effective: int
+    active: int
     converged: bool
 
     @property
     def rank(self) -> int:
-        """Merged pieces plus the active one (if not converged)."""
-        return self.merged + int(self.active)
+        """Effective merged rank plus the active piece's width."""
+        return self.effective + self.active
+
+
+@dataclass(frozen=True)
+class Finalized:
+    """What ``finalize()`` did at the end of the budget."""
+
+    kept: tuple[str, ...]  # active pieces that had trained: merged
+    discarded: tuple[str, ...]  # active pieces that never trained: dropped
+    already_stopped: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -150,7 +170,7 @@ class OuterStep:
     outer: int
     step: int
     merged: tuple[str, ...]
-    converged: tuple[str, ...]
+    converged: tuple[str, ...]  # stopped by ε_out, or because a merge added no direction / hit full rank
     trainable_params: int
 
 
@@ -173,19 +193,22 @@ class AromaController:
         prune_ratio: Share of optimizer moments zeroed at random at each merge (0.999).
         rewarm_steps: Linear LR re-warm after a merge (50) when the scheduler is not ``AromaLR``.
         exact_reset: Zero all moments instead of the random 99.9%.
+        reset_step: Also reset Adam's step count with the moments, so its bias correction
+            restarts (False keeps it, as the official code does; docs/methods.md §3.2).
         seed: Seeds re-initialisation and reset masks (identical on every rank).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler=None, *,
                  inner_check_every: int = 10, inner_threshold: float = 0.1, max_inner_steps: int = 1000,
                  outer_threshold: float = 5e-3, window: int = 1, patience: int = 1, prune_ratio: float = 0.999,
-                 rewarm_steps: int = 50, exact_reset: bool = False, seed: int = 0) -> None:
+                 rewarm_steps: int = 50, exact_reset: bool = False, reset_step: bool = False,
+                 seed: int = 0) -> None:
         self._check_args(inner_check_every, max_inner_steps, window, patience, prune_ratio)
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.inner_check_every, self.inner_threshold = inner_check_every, inner_threshold
         self.max_inner_steps, self.outer_threshold = max_inner_steps, outer_threshold
         self.window, self.patience, self.prune_ratio = window, patience, prune_ratio
-        self.exact_reset, self.seed = exact_reset, seed
+        self.exact_reset, self.reset_step, self.seed = exact_reset, reset_step, seed
         self._rewarm = None if callable(getattr(scheduler, "rewarm", None)) else _Rewarm(optimizer, rewarm_steps)
         self.tracks = self._collect(model)
         self._check_optimizer(optimizer)
@@ -205,12 +228,12 @@ class AromaController:
     @staticmethod
     def _collect(model: nn.Module) -> list[_Track]:
         tracks = []
-        for _, gm, b in iter_bindings(model):
+        for owner, gm, b in iter_bindings(model):
             adapter = gm.get_submodule(b.attr)
             if isinstance(adapter.config, AromaConfig):
                 weight = weight_out_in(gm._parameters[b.param], b.layout)
-                tracks.append(_Track(b.site, adapter, weight, _weff_norm2(adapter, weight),
-                                     converged=adapter.frozen, merges=adapter.merged_rank // adapter.config.rank))
+                tracks.append(_Track(b.site, owner, adapter, weight, _weff_norm2(adapter, weight),
+                                     converged=adapter.frozen, merges=adapter.pieces))
         if not tracks:
             raise ValueError("AromaController needs AROMA adapters, and this model has none; call "
                              "aurora_fx.apply(model, pattern, method='aroma') first")
@@ -289,8 +312,10 @@ class AromaController:
                     self._converge(t)
                     converged.append(t.path)
                     continue
-            self._merge(t, gen)
             merged.append(t.path)
+            if not self._merge(t, gen):  # the piece added no new direction, or the site is at full rank
+                self._converge(t)
+                converged.append(t.path)
         self._reset_moments(gen)
         if self._rewarm is None:
             self.scheduler.rewarm()
@@ -305,27 +330,41 @@ class AromaController:
         s, a, b = t.adapter.scale, full(t.adapter.A), full(t.adapter.B)
         return s * AF.lowrank_norm2(b, a).sqrt().item() / math.sqrt(max(t.wnorm2, 1e-300))
 
-    def _merge(self, t: _Track, gen: torch.Generator) -> None:
+    def _merge(self, t: _Track, gen: torch.Generator) -> bool:
+        """Merge and compact the active piece; False when the site should stop growing.
+
+        It stops when the merge did not raise the effective rank (the piece's direction was
+        already in the span) or the rank reached ``min(d_in, d_out)`` (docs/methods.md §3.9).
+        """
         a = t.adapter
-        t.wnorm2 = _weff_norm2_after_merge(t.wnorm2, a, t.weight)
-        a.merge_active(gen)
+        merge = a.merge_active(gen)
+        t.wnorm2 = _weff_norm2(a, t.weight)  # exact after the compaction (k matrix-vector products)
         t.merges += 1
         t.snap, t.stabilized = None, False
+        return merge.new_direction and a.merged_rank < a.full_rank
 
     def _converge(self, t: _Track) -> None:
-        t.adapter.freeze(keep_active=False)  # the last piece is discarded, not merged
+        """Stop the site: its active piece is discarded and its owner computes the frozen factors only."""
+        t.adapter.freeze(keep_active=False)
+        self._release(t)
+
+    def _release(self, t: _Track) -> None:
         for p in (t.adapter.A, t.adapter.B):
             self.optimizer.state.pop(p, None)
         t.converged, t.snap = True, None
+        rebuild_owner(self.model, t.owner)
 
     @torch.no_grad()
     def _reset_moments(self, gen: torch.Generator) -> None:
-        """Zero ``prune_ratio`` of Adam's moments of the active pieces (seeded masks); keep ``step``."""
+        """Zero ``prune_ratio`` of the active pieces' Adam moments (seeded masks); ``step`` too if asked."""
         for t in self.tracks:
             if t.converged:
                 continue
             for p in (t.adapter.A, t.adapter.B):
                 state = self.optimizer.state.get(p, {})
+                if self.reset_step and "step" in state:
+                    state["step"] = state["step"].zero_() if torch.is_tensor(state["step"]) else 0
+                    self._last_opt_step = 0.0
                 for key in ("exp_avg", "exp_avg_sq", "momentum_buffer", "max_exp_avg_sq"):
                     buf = state.get(key)
                     if torch.is_tensor(buf):
@@ -350,27 +389,34 @@ class AromaController:
         return self.all_converged >= self.patience
 
     def site_ranks(self) -> list[SiteRank]:
-        """Per site: merged pieces, whether the active piece is still live, convergence."""
-        r = self.tracks[0].adapter.config.rank
-        return [SiteRank(t.path, t.adapter.merged_rank // r, not t.adapter.frozen, t.converged) for t in self.tracks]
+        """Per site: pieces merged, effective rank, the active piece's width, whether it stopped."""
+        return [SiteRank(t.path, t.adapter.pieces, t.adapter.merged_rank,
+                         0 if t.adapter.frozen else t.adapter.config.rank, t.converged) for t in self.tracks]
 
     def ranks(self) -> dict[str, int]:
-        """Site path → rank in pieces (merged, plus the active piece while it trains)."""
+        """Site path → effective rank (of the merged update, plus the active piece while it trains)."""
         return {s.path: s.rank for s in self.site_ranks()}
 
     def trainable_params(self) -> int:
         """Adapter parameters that still train."""
         return sum(p.numel() for t in self.tracks for p in (t.adapter.A, t.adapter.B) if p.requires_grad)
 
-    def finalize(self) -> None:
-        """End of budget: non-converged sites keep their active piece (merged), then all freeze."""
+    def finalize(self) -> Finalized:
+        """End of budget: every site stops.
+
+        An active piece that trained is merged; one that never did (B still zero) is dropped.
+        """
+        kept, discarded, stopped = [], [], []
         for t in self.tracks:
-            if not t.converged:
-                t.adapter.freeze(keep_active=True)
-                for p in (t.adapter.A, t.adapter.B):
-                    self.optimizer.state.pop(p, None)
-                t.converged = True
+            if t.converged:
+                stopped.append(t.path)
+                continue
+            trained = t.adapter.piece_trained()
+            t.adapter.freeze(keep_active=trained)
+            (kept if trained else discarded).append(t.path)
+            self._release(t)
         self.all_converged = self.patience
+        return Finalized(tuple(kept), tuple(discarded), tuple(stopped))
 
 
 def _apply_weight(weight: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -387,13 +433,6 @@ def _weff_norm2(adapter: AromaAdapter, weight: torch.Tensor) -> float:
     U, V = adapter.U.double(), adapter.V.double()
     cross = torch.trace(U.t() @ _apply_weight(weight, V)).item()
     return w2 + 2 * cross + AF.lowrank_norm2(U, V).item()
-
-
-def _weff_norm2_after_merge(wnorm2: float, adapter: AromaAdapter, weight: torch.Tensor) -> float:
-    """``‖W_eff + s·b·a‖² = ‖W_eff‖² + 2s·tr(bᵀ·W_eff·aᵀ) + ‖s·b·a‖²`` (docs/methods.md §3.4)."""
-    s, a, b = adapter.scale, full(adapter.A).double(), full(adapter.B).double()
-    weff_at = _apply_weight(weight, a) + adapter.U.double() @ (adapter.V.double() @ a.t())  # (m, r)
-    return wnorm2 + 2 * s * torch.trace(b.t() @ weff_at).item() + s * s * AF.lowrank_norm2(b, a).item()
 
 
 def _trainer_callback_base():

@@ -25,14 +25,14 @@ from aurora_fx.fastpaths import guard_fast_paths
 from aurora_fx.model_state import model_state, update_model_state
 from aurora_fx.owners import Binding, adapter_attr, build_owner, iter_bindings, owner_graph, owner_state, swap_module
 from aurora_fx.passes.check import require
-from aurora_fx.passes.fuse import fuse_adapters
+from aurora_fx.passes.fuse import fuse_adapters, is_fused
 from aurora_fx.passes.insert_adapters import copy_graph, insert_adapters
 from aurora_fx.passes.pattern import Pattern, compile_pattern
 from aurora_fx.records import SiteRequest
 from aurora_fx.registry import build_adapter
 from aurora_fx.tracing import get_submodule
 
-__all__ = ["attach", "adapter_dtype", "OwnerPlan", "plan_owners", "resolve_trainable", "Fill"]
+__all__ = ["attach", "adapter_dtype", "OwnerPlan", "plan_owners", "resolve_trainable", "rebuild_owner", "Fill"]
 
 Fill = Callable[[str, nn.Module], None]
 """``fill(site_path, adapter)`` writes weights into a freshly built adapter (may raise)."""
@@ -119,6 +119,25 @@ def _plan_owner(model: nn.Module, path: str, requests: list[SiteRequest], fuse: 
     if fuse:
         gm = fuse_adapters(gm, [b.attr for b in bindings]).graph_module
     return OwnerPlan(path=path, module=gm, new_bindings=tuple(bindings))
+
+
+def rebuild_owner(model: nn.Module, path: str) -> fx.GraphModule:
+    """Regenerate the owner at ``path``'s graph from its original forward and its adapters' graphs.
+
+    An adapter whose ``trace_key()`` changed (an AROMA site that stopped computes its frozen factors
+    only) gets its new graph. The owner stays the same module object, with the same parameters,
+    buffers, adapters and hooks (wrappers such as FSDP2 hold on to it); only its code changes.
+    """
+    current = get_submodule(model, path)
+    state = owner_state(current)
+    fused = [b.attr for b in state.bindings if is_fused(current, b.attr)]
+    scratch = build_owner(current, owner_graph(state.original), {}, state.bindings)
+    scratch = insert_adapters(scratch, state.bindings).graph_module
+    if fused:
+        scratch = fuse_adapters(scratch, fused).graph_module
+    current.graph = scratch.graph  # the setter recompiles forward
+    current.recompile()
+    return current
 
 
 def _commit(model: nn.Module, plans: list[OwnerPlan], trainable: tuple[str, ...]) -> None:

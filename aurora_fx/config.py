@@ -147,6 +147,10 @@ class AromaConfig(AdapterConfig):
         alpha: α; the scale is α/r.
         dropout: Dropout on the active piece's input (0.1 in the official code).
 
+        compact_tol: After each merge the stored factors are re-compressed to their effective rank,
+            keeping the singular values above ``compact_tol·σ₁`` (docs/methods.md §3.9); 0 keeps
+            every non-zero one (exact).
+
     Merged pieces are kept as frozen low-rank factors ``U``, ``V`` beside the base weight
     (docs/methods.md §3.3 default), so the grown adapter stays small, detachable and saveable, and
     ``unload`` gives the exact base back; ``aurora_fx.merge`` folds everything into W exactly
@@ -156,4 +160,12 @@ class AromaConfig(AdapterConfig):
     rank: int = 1
     alpha: float = 4.0
     dropout: float = 0.1
+    compact_tol: float = 0.05
     method: ClassVar[str] = "aroma"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        tol = self.compact_tol
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0.0 <= tol < 1.0:
+            raise ValueError(f"compact_tol must be a relative tolerance in [0, 1), got {tol!r}; default 0.05")
+        object.__setattr__(self, "compact_tol", float(tol))

@@ -35,6 +35,7 @@ __all__ = [
     "lowrank_norm2",
     "lowrank_inner",
     "lowrank_diff_norm2",
+    "compact_factors",
 ]
 
 
@@ -184,3 +185,30 @@ def lowrank_diff_norm2(B1: Tensor, A1: Tensor, B2: Tensor, A2: Tensor) -> Tensor
     """``‖B1·A1 − B2·A2‖²_F`` from Gram traces, float64, clamped at 0."""
     value = lowrank_norm2(B1, A1) + lowrank_norm2(B2, A2) - 2.0 * lowrank_inner(B1, A1, B2, A2)
     return value.clamp_min(0.0)
+
+
+def compact_factors(U: Tensor, V: Tensor, tol: float) -> tuple[Tensor, Tensor, float]:
+    """Re-compress ``ΔW = U·V`` to its effective rank (docs/methods.md §3.9), never forming ΔW.
+
+    Thin QR of U and of Vᵀ, SVD of the small core ``C = Ru·Rvᵀ``, keep the singular values above
+    ``tol·σ₁``: ``U' = Qu·Uc[:, :k]·Σ[:k]``, ``V' = (Qv·Vc[:, :k])ᵀ``. Cost O((m+n)·P²) for P columns;
+    computed in float64. ``‖U·V − U'·V'‖_F`` is exactly the dropped tail ``‖σ_{k+1:}‖₂``.
+
+    Args:
+        U: ``(m, P)``.
+        V: ``(P, n)``.
+        tol: Relative tolerance in [0, 1); 0 keeps every non-zero singular value.
+
+    Returns:
+        ``(U', V', tail)`` with U' ``(m, k)``, V' ``(k, n)`` in U's and V's dtypes, ``k ≤ min(m, n, P)``.
+    """
+    if U.shape[1] == 0:
+        return U, V, 0.0
+    Qu, Ru = torch.linalg.qr(U.double())  # (m, p), (p, P)
+    Qv, Rv = torch.linalg.qr(V.double().t())  # (n, q), (q, P)
+    Uc, S, Vch = torch.linalg.svd(Ru @ Rv.t())  # core (p, q)
+    keep = int((max(tol * S[0].item(), 0.0) < S).sum()) if S.numel() and S[0] > 0 else 0
+    tail = float(torch.linalg.vector_norm(S[keep:])) if S.numel() else 0.0
+    new_u = (Qu @ Uc[:, :keep]) * S[:keep]  # (m, k)
+    new_v = Vch[:keep] @ Qv.t()  # (k, n)
+    return new_u.to(U.dtype), new_v.to(V.dtype), tail

@@ -36,7 +36,7 @@ def adapters(model: nn.Module) -> list[AdapterInfo]:
             num_params=sum(t.numel() for t in adapter.stored_tensors().values()),
             trainable_params=sum(p.numel() for p in adapter.parameters() if p.requires_grad),
             in_features=adapter.in_features, out_features=adapter.out_features, kind=b.kind,
-            fused=is_fused(gm, b.attr), config=adapter.config.to_dict(),
+            fused=is_fused(gm, b.attr), config=adapter.config.to_dict(), details=adapter.describe(),
         ))
     return infos
 

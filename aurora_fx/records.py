@@ -154,7 +154,8 @@ class AdapterInfo:
     Attributes:
         path: Site path (see ``Site.path``).
         method: The registered method name ("aurora", "lora", "aroma", ...).
-        rank: r̃ / r; for AROMA the grown rank (merged width, plus the active piece while it trains).
+        rank: r̃ / r; for AROMA the effective rank of the merged update plus the active piece's
+            width while it trains.
         num_params: Adapter parameters and stored factors (trainable or not).
         trainable_params: How many of them currently require grad.
         in_features: d_in of the site.
@@ -162,6 +163,7 @@ class AdapterInfo:
         kind: Site kind (linear, conv1d, functional).
         fused: Whether the owner graph calls the fused op.
         config: The adapter config as a dict.
+        details: Method-specific facts (AROMA: pieces merged, effective rank, active piece).
     """
 
     path: str
@@ -174,6 +176,7 @@ class AdapterInfo:
     kind: str
     fused: bool
     config: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
 
 
 def format_table(header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> str:

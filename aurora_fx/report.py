@@ -95,8 +95,9 @@ class AdapterReport:
     def table(self) -> str:
         """Plain-text table of adapted sites, then totals."""
         rows = [(a.path, a.kind, a.method, a.rank, f"{a.in_features}→{a.out_features}", f"{a.num_params:,}",
-                 f"{a.trainable_params:,}", "yes" if a.fused else "no") for a in self.adapters]
-        text = format_table(("site", "kind", "method", "rank", "shape", "params", "trainable", "fused"), rows)
+                 f"{a.trainable_params:,}", "yes" if a.fused else "no", _details(a.details)) for a in self.adapters]
+        header = ("site", "kind", "method", "rank", "shape", "params", "trainable", "fused", "details")
+        text = format_table(header, rows)
         share = 100.0 * self.trainable_params / max(self.model_params, 1)
         return (f"{text}\n{len(self.adapters)} adapted site(s) in {self.model_class}: "
                 f"{self.adapter_params:,} adapter parameters; {self.trainable_params:,} trainable of "
@@ -104,6 +105,10 @@ class AdapterReport:
 
     def __str__(self) -> str:
         return self.table()
+
+
+def _details(details: dict) -> str:
+    return ", ".join(f"{k} {('yes' if v else 'no') if isinstance(v, bool) else v}" for k, v in details.items())
 
 
 def node_role(node: fx.Node) -> str:

@@ -32,7 +32,7 @@ def main() -> None:
     torch.manual_seed(0)  # the same model on every rank ...
     model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 8)).to(device)
     target = nn.Sequential(nn.Linear(16, 8)).to(device)
-    aurora_fx.apply(model, "^0$|^2$", method="aroma", dropout=0.0)
+    aurora_fx.apply(model, "^0$|^2$", config=aurora_fx.AromaConfig(dropout=0.0, compact_tol=0.0))
     torch.manual_seed(1000 + rank)  # ... then a different global RNG on each
     optimizer = torch.optim.Adam(aurora_fx.trainable_parameters(model), lr=2e-2)
     controller = aurora_fx.AromaController(model, optimizer, inner_check_every=3, inner_threshold=0.3,

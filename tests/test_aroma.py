@@ -21,6 +21,13 @@ def _toy(rank=1, **apply_kwargs):
     return model, model[0].adapter
 
 
+def _toy_exact(rank=1):
+    """The toy with compaction keeping every non-zero singular value."""
+    model = nn.Sequential(nn.Linear(D_IN, D_OUT))
+    aurora_fx.apply(model, "0", config=aurora_fx.AromaConfig(rank=rank, dropout=0.0, compact_tol=0.0))
+    return model, model[0].adapter
+
+
 def _frozen_step(model, optimizer):
     """An optimizer step with lr 0: Adam state exists, parameters do not move."""
     model(torch.randn(4, D_IN)).sum().backward()
@@ -45,9 +52,8 @@ def test_inner_loop_stops_by_threshold_and_the_first_piece_is_merged():
     assert ctl.outer == 0
     _frozen_step(model, optimizer)
     ctl.step()  # step 4: relative change 0 < 0.1 → stabilized → outer step → merge
-    assert ctl.outer == 1 and adapter.merged_rank == 1
-    torch.testing.assert_close(adapter.U, piece_b * adapter.scale)
-    torch.testing.assert_close(adapter.V, piece_a)
+    assert ctl.outer == 1 and adapter.merged_rank == 1 and adapter.pieces == 1
+    torch.testing.assert_close(adapter.U @ adapter.V, (piece_b * adapter.scale) @ piece_a)  # compacted, exact
     assert torch.equal(adapter.B, torch.zeros_like(adapter.B)) and not torch.equal(adapter.A, piece_a)
 
 
@@ -101,6 +107,8 @@ def test_moments_are_reset_keeping_about_one_in_a_thousand_and_the_step():
     adapter = model[0].adapter
     optimizer = torch.optim.Adam(aurora_fx.trainable_parameters(model), lr=0.0)
     ctl = AromaController(model, optimizer, inner_check_every=1, max_inner_steps=1)
+    with torch.no_grad():
+        adapter.B.normal_()  # a piece that adds directions: the site keeps growing
     model(torch.randn(2, 1000)).sum().backward()
     optimizer.step()
     for p in (adapter.A, adapter.B):
@@ -128,7 +136,7 @@ class _ShapeRecorder(TorchDispatchMode):
 
 
 def test_no_m_by_n_product_is_formed():
-    model, adapter = _toy(rank=2)
+    model, adapter = _toy_exact(rank=2)
     optimizer = torch.optim.Adam(aurora_fx.trainable_parameters(model), lr=1e-2)
     ctl = AromaController(model, optimizer, inner_check_every=1, max_inner_steps=3, outer_threshold=1e-9)
     recorder = _ShapeRecorder()

@@ -156,9 +156,9 @@ def test_mixed_methods_in_one_model():
     assert all(p.requires_grad for n, p in model.named_parameters() if ".adapter." in n)
 
 
-def test_bf16_model_gets_bf16_adapters_and_float32_splines():
+def test_bf16_model_with_bf16_adapters_keeps_float32_splines():
     model = nn.Sequential(nn.Linear(8, 8)).to(torch.bfloat16)
-    aurora_fx.apply(model, "0")
+    aurora_fx.apply(model, "0", dtype=torch.bfloat16)  # default: float32 adapters (tests/test_mixed_precision.py)
     randomize_adapters(model)
     assert model[0].adapter.A.dtype == torch.bfloat16
     out = model(torch.randn(4, 8, dtype=torch.bfloat16) * 20)

@@ -5,7 +5,8 @@ other module tests for a concrete adapter class:
 
 * **shape and config**: ``in_features``, ``out_features``, ``config``, ``method``, ``rank``;
 * **training**: ``adapter_params()`` (its own parameters), ``trains`` (False once frozen);
-* **storage**: ``stored_tensors()`` (what a checkpoint saves and ``num_params`` counts),
+* **storage**: ``stored_tensors()`` (what a checkpoint saves and ``num_params`` counts), ``describe()``
+  (facts for ``inspect``),
   ``state()`` / ``load_state()`` (JSON state beside the tensors), ``variable_width`` (tensors
   whose width may differ between fine-tunes of one structure, for swappable ONNX);
 * **graph**: ``forward`` (traced once per ``trace_key()`` and inlined into the owner graph),
@@ -115,6 +116,10 @@ class AdapterBase(nn.Module):
 
     def load_state(self, state: dict[str, Any], tensors: dict[str, Tensor]) -> None:
         """Prepare to receive ``tensors`` from a checkpoint (e.g. resize grown buffers)."""
+
+    def describe(self) -> dict[str, Any]:
+        """Method-specific facts for ``inspect`` (e.g. AROMA's pieces and effective rank)."""
+        return {}
 
     # -- graph ----------------------------------------------------------------------------------
     def trace_key(self) -> tuple:

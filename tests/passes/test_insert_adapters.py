@@ -20,11 +20,14 @@ def forward(self, input : torch.Tensor) -> torch.Tensor:
     bias = self.bias
     linear = torch._C._nn.linear(input_1, weight, bias);  weight = bias = None
     adapter_a = self.adapter.A
+    getattr_1 = adapter_a.dtype
+    adapter_to = input_1.to(getattr_1);  input_1 = getattr_1 = None
     adapter_b = self.adapter.B
-    adapter_linear = torch._C._nn.linear(input_1, adapter_a);  input_1 = adapter_a = None
+    adapter_linear = torch._C._nn.linear(adapter_to, adapter_a);  adapter_to = adapter_a = None
     adapter_linear_1 = torch._C._nn.linear(adapter_linear, adapter_b);  adapter_linear = adapter_b = None
     adapter_mul = adapter_linear_1 * 8.0;  adapter_linear_1 = None
-    add = linear + adapter_mul;  linear = adapter_mul = None
+    type_as = adapter_mul.type_as(linear);  adapter_mul = None
+    add = linear + type_as;  linear = type_as = None
     return add
 """
 
