@@ -20,8 +20,8 @@ def forward(self, input : torch.Tensor) -> torch.Tensor:
     bias = self.bias
     linear = torch._C._nn.linear(input_1, weight, bias);  weight = bias = None
     adapter_a = self.adapter.A
-    getattr_1 = adapter_a.dtype
-    adapter_to = input_1.to(getattr_1);  input_1 = getattr_1 = None
+    adapter_getattr_1 = adapter_a.dtype
+    adapter_to = input_1.to(adapter_getattr_1);  input_1 = adapter_getattr_1 = None
     adapter_b = self.adapter.B
     adapter_linear = torch._C._nn.linear(adapter_to, adapter_a);  adapter_to = adapter_a = None
     adapter_linear_1 = torch._C._nn.linear(adapter_linear, adapter_b);  adapter_linear = adapter_b = None
