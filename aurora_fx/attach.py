@@ -160,6 +160,7 @@ def resolve_trainable(model: nn.Module, trainable_modules: Pattern) -> tuple[str
         return paths
     matcher = compile_pattern(trainable_modules)
     found = tuple(path for path, m in model.named_modules() if path and matcher(path, m))
+    found = tuple(p for p in found if not any(p.startswith(q + ".") for q in found))  # the outermost only
     if not found:
         names = ", ".join(p for p, _ in model.named_children())
         raise ValueError(f"trainable_modules {matcher.describe()} matched no module "

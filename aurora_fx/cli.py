@@ -136,6 +136,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from aurora_fx.zoo import example_inputs
 
     loaded = _rebuild(args.checkpoint, args.model)
+    if args.format == "peft":
+        return _export_peft(args, loaded)
     result = to_onnx(loaded.model, args.out, example_kwargs=example_inputs(loaded), merge=args.merge,
                      lossy=args.lossy)
     diffs = ", ".join(f"{shape}: {d:.2e}" for shape, d in result.max_abs_diff.items())
@@ -145,14 +147,41 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``aurora-fx``."""
-    from aurora_fx.registry import method_names
+def _export_peft(args: argparse.Namespace, loaded) -> int:
+    from aurora_fx.export import to_peft
 
+    calibration = _calibration(args.calibrate, loaded) if args.calibrate else None
+    if args.mode == "fit" and calibration is None:
+        raise ValueError("--mode fit needs --calibrate DATA (bbc, tweets, a folder or a CSV) to fit on")
+    result = to_peft(loaded.model, args.out, mode=args.mode, calibration=calibration, rank=args.rank)
+    print(result)
+    print(f"wrote {args.out}/adapter_config.json and adapter_model.safetensors (load with "
+          f"peft.PeftModel.from_pretrained(base, {args.out!r}) or aurora_fx.load_peft_lora)")
+    return 0
+
+
+def _calibration(data_spec: str, loaded, count: int = 64, batch_size: int = 8, max_length: int = 128) -> list:
+    """``count`` texts of DATA as tokenized batches (model keyword inputs)."""
+    from aurora_fx.data import load_text_data
+
+    if loaded.tokenizer is None:
+        raise ValueError("--calibrate needs a text model (minilm or a HF folder)")
+    texts = list(load_text_data(data_spec).texts[:count])
+    return [dict(loaded.tokenizer(texts[i:i + batch_size], truncation=True, max_length=max_length, padding=True,
+                                  return_tensors="pt")) for i in range(0, len(texts), batch_size)]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``aurora-fx``: one sub-parser per command."""
     parser = argparse.ArgumentParser(prog="aurora-fx", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_demo, _add_sites, _add_train, _add_inspect, _add_export):
+        add(sub)
+    return parser
 
+
+def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="fine-tune MiniLM on BBC News with AuroRA, export ONNX, check it")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--test-size", type=int, default=400)
@@ -160,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_demo)
 
+
+def _add_sites(sub) -> None:
     p = sub.add_parser("sites", help="dry run: every linear-like site, and whether PATTERN matches it")
     p.add_argument("model", help="minilm | HF folder | timm:<name>")
     p.add_argument("--pattern", default=None, help="regex searched in site paths")
@@ -167,6 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text models: the classifier `train` builds (default, same paths) or the bare encoder")
     p.add_argument("--all", action="store_true", help="also list untraceable modules without a linear-like weight")
     p.set_defaults(func=_cmd_sites)
+
+
+def _add_train(sub) -> None:
+    from aurora_fx.registry import method_names
 
     p = sub.add_parser("train", help="fine-tune a sequence classifier and save the adapter checkpoint")
     p.add_argument("model", help="minilm | HF folder")
@@ -186,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_train)
 
+
+def _add_inspect(sub) -> None:
     p = sub.add_parser("inspect", help="print the adapter report of a checkpoint; --render draws it")
     p.add_argument("checkpoint")
     p.add_argument("--model", default=None, help="base model, if the checkpoint does not record it")
@@ -193,14 +230,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--render", default=None, help="FILE.svg or FILE.png")
     p.set_defaults(func=_cmd_inspect)
 
-    p = sub.add_parser("export", help="export a checkpoint on its base model to ONNX, verified in onnxruntime")
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="export a checkpoint on its base model to ONNX (verified in onnxruntime) "
+                                      "or to a PEFT LoRA folder")
     p.add_argument("checkpoint")
-    p.add_argument("--out", required=True, help="FILE.onnx")
+    p.add_argument("--out", required=True, help="FILE.onnx, or a folder with --format peft")
+    p.add_argument("--format", choices=["onnx", "peft"], default="onnx")
+    p.add_argument("--mode", choices=["exact", "static", "fit"], default=None,
+                   help="--format peft: exact (LoRA, AROMA), static or fit (AuroRA)")
+    p.add_argument("--calibrate", default=None, help="--mode fit: DATA whose first 64 texts calibrate the fit")
+    p.add_argument("--rank", type=int, default=None, help="--mode fit: LoRA rank of the fitted map")
     p.add_argument("--model", default=None)
     p.add_argument("--merge", action="store_true", help="merge LoRA/AROMA into the base weights first")
     p.add_argument("--lossy", action="store_true", help="with --merge: allow AuroRA's lossy static merge")
     p.set_defaults(func=_cmd_export)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

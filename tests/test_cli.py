@@ -100,3 +100,21 @@ def test_inspect_renders_the_model_map_and_one_site(trained, capsys):
                  "--render", str(trained / "site.png")]) == 0
     assert (trained / "site.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "aurora_delta_add" in capsys.readouterr().out  # the site's rewritten graph code
+
+
+@pytest.mark.parametrize("mode", ["static", "fit"])
+def test_export_writes_a_peft_folder(trained, bbc_folder, tmp_path, capsys, mode):
+    args = ["export", str(trained / "adapters.safetensors"), "--format", "peft", "--out", str(tmp_path / "peft"),
+            "--mode", mode]
+    if mode == "fit":
+        args += ["--calibrate", str(bbc_folder), "--rank", "4"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert (tmp_path / "peft" / "adapter_model.safetensors").is_file() and "held-out error" in out
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+
+
+def test_export_peft_fit_without_calibration_is_a_one_line_error(trained, tmp_path, capsys):
+    code = main(["export", str(trained / "adapters.safetensors"), "--format", "peft", "--out", str(tmp_path),
+                 "--mode", "fit"])
+    assert code == 2 and "--mode fit needs --calibrate DATA" in capsys.readouterr().err

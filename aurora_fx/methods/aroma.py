@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from aurora_fx import functional as AF
 from aurora_fx.config import AromaConfig
 from aurora_fx.distributed import assign, full
-from aurora_fx.methods.base import AdapterBase, kaiming_uniform_
+from aurora_fx.methods.base import AdapterBase, LoraFactors, kaiming_uniform_
 from aurora_fx.registry import register_adapter
 
 __all__ = ["AromaAdapter", "Merge"]
@@ -45,6 +45,7 @@ class AromaAdapter(AdapterBase):
 
     config_class = AromaConfig
     variable_width = {"U": 1, "V": 0}
+    lora_exact = True
 
     def __init__(self, in_features: int, out_features: int, config: AromaConfig, *, device=None, dtype=None) -> None:
         super().__init__(in_features, out_features, config)
@@ -105,6 +106,14 @@ class AromaAdapter(AdapterBase):
         if self.frozen:
             return merged
         return merged + AF.lora_delta_weight(self.A.to(dt), self.B.to(dt), self.scale)
+
+    def lora_factors(self, lossy: bool = False) -> LoraFactors:
+        """``[U, s·B]`` and ``[V; A]`` with scale 1 (the active piece only while it trains)."""
+        u, v = full(self.U), full(self.V)
+        if not self.frozen:
+            u = torch.cat([u, full(self.B).to(u.dtype) * self.scale], dim=1)
+            v = torch.cat([v, full(self.A).to(v.dtype)], dim=0)
+        return LoraFactors(v, u, 1.0)
 
     def stored_tensors(self) -> dict[str, Tensor]:
         """U, V, and the active piece's A, B while it trains (a frozen site's A, B are dead)."""

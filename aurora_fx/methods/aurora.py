@@ -8,7 +8,7 @@ from torch import Tensor, nn
 import aurora_fx.ops  # noqa: F401  (registers torch.ops.aurora_fx)
 from aurora_fx import functional as AF
 from aurora_fx.config import AuroraConfig
-from aurora_fx.methods.base import AdapterBase, Fusion, kaiming_uniform_
+from aurora_fx.methods.base import AdapterBase, Fusion, LoraFactors, kaiming_uniform_
 from aurora_fx.ops.aurora_delta import ORDER
 from aurora_fx.registry import register_adapter
 
@@ -89,3 +89,11 @@ class AuroraAdapter(AdapterBase):
         dt = AF.spline_dtype(self.A.dtype)
         p = [t.to(dt) for t in (self.A, self.B, self.H, self.Ws)]
         return AF.aurora_static_delta_weight(*p, self.knots, self.scale, self.order)
+
+    def lora_factors(self, lossy: bool = False) -> LoraFactors:
+        """The static merge as LoRA: ``A' = σ(Aᵀ)ᵀ`` (r̃, d_in), ``B`` and the scale (lossy)."""
+        self.delta_weight(lossy)  # raises unless lossy
+        dt = AF.spline_dtype(self.A.dtype)
+        sigma = AF.anl(self.A.detach().to(dt).t(), self.H.detach().to(dt), self.Ws.detach().to(dt), self.knots,
+                       self.order).t()  # (r̃, d_in)
+        return LoraFactors(sigma, self.B.detach().to(dt), self.scale)

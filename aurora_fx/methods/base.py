@@ -12,8 +12,9 @@ other module tests for a concrete adapter class:
 * **graph**: ``forward`` (traced once per ``trace_key()`` and inlined into the owner graph),
   ``reads_base_weight`` (then ``forward(x, weight)`` gets the base weight, ``(d_out, d_in)``),
   ``fusion()`` (the fused op that replaces the inlined subgraph, or why there is none);
-* **math**: ``oracle_delta(x)`` (the functional oracle, what every fast path is tested against)
-  and ``delta_weight(lossy)`` (the merge);
+* **math**: ``oracle_delta(x)`` (the functional oracle, what every fast path is tested against),
+  ``delta_weight(lossy)`` (the merge) and ``lora_factors(lossy)`` / ``lora_exact`` (the update as
+  LoRA factors, for ``export.to_peft``);
 * **sites**: ``check_site(site, config)`` (a method's own refusal, called by ``passes.check``).
 
 Adapters never compute the base ``W0·x + b0``: the owner graph adds their output to the base
@@ -33,7 +34,7 @@ from torch import Tensor, nn
 
 from aurora_fx.config import AdapterConfig
 
-__all__ = ["AdapterBase", "Fusion", "kaiming_uniform_"]
+__all__ = ["AdapterBase", "Fusion", "LoraFactors", "kaiming_uniform_"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,15 @@ class Fusion:
     params: tuple[str, ...]
     constants: tuple[float, ...] = ()
     input_param: str = "A"
+
+
+@dataclass(frozen=True)
+class LoraFactors:
+    """An update written as LoRA: ``ΔW = scale · B·A`` with A ``(k, d_in)``, B ``(d_out, k)``."""
+
+    A: Tensor
+    B: Tensor
+    scale: float
 
 
 def kaiming_uniform_(t: Tensor, generator: torch.Generator | None = None) -> None:
@@ -138,6 +148,12 @@ class AdapterBase(nn.Module):
     def delta_weight(self, lossy: bool = False) -> Tensor:
         """The ``(d_out, d_in)`` update a merge adds to the base weight."""
         raise NotImplementedError(f"{type(self).__name__} cannot be merged into the base weight")
+
+    lora_exact: ClassVar[bool] = False  # whether lora_factors() is exact (else it needs lossy=True)
+
+    def lora_factors(self, lossy: bool = False) -> LoraFactors:
+        """The update as LoRA factors (exact when ``lora_exact``; a method's lossy form otherwise)."""
+        raise NotImplementedError(f"{type(self).__name__} has no LoRA form; export it with mode='fit'")
 
     def extra_repr(self) -> str:
         """Shape and config, for ``print(model)``."""

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from aurora_fx import functional as AF
 from aurora_fx.config import LoraConfig
-from aurora_fx.methods.base import AdapterBase, kaiming_uniform_
+from aurora_fx.methods.base import AdapterBase, LoraFactors, kaiming_uniform_
 from aurora_fx.registry import register_adapter
 
 __all__ = ["LoraAdapter"]
@@ -21,6 +21,7 @@ class LoraAdapter(AdapterBase):
     """
 
     config_class = LoraConfig
+    lora_exact = True
 
     def __init__(self, in_features: int, out_features: int, config: LoraConfig, *, device=None, dtype=None) -> None:
         super().__init__(in_features, out_features, config)
@@ -41,3 +42,7 @@ class LoraAdapter(AdapterBase):
         """Exact ``ΔW = s·B·A`` in float32 or wider."""
         dt = AF.spline_dtype(self.A.dtype)
         return AF.lora_delta_weight(self.A.to(dt), self.B.to(dt), self.scale)
+
+    def lora_factors(self, lossy: bool = False) -> LoraFactors:
+        """A and B as they are, with the scale α/r."""
+        return LoraFactors(self.A.detach(), self.B.detach(), self.scale)

@@ -26,7 +26,7 @@ from aurora_fx.records import Site, SiteRequest, SiteTable
 from aurora_fx.registry import adapter_class
 from aurora_fx.tracing import get_submodule
 
-__all__ = ["check", "select_requests", "require", "check_modules"]
+__all__ = ["check", "select_requests", "require", "check_modules", "check_export"]
 
 
 def _parameter(site: Site) -> str | None:
@@ -94,6 +94,18 @@ def check(site: Site, config: AdapterConfig | None = None) -> str | None:
         if reason:
             return reason
     return None
+
+
+def check_export(kind: str, target: str) -> str | None:
+    """Why an adapted site of ``kind`` cannot be written for ``target`` (e.g. "PEFT LoRA"), or None.
+
+    PEFT's LoRA targets modules (``nn.Linear``, HF ``Conv1D``): a functional site, a weight a
+    module's own forward uses through ``F.linear``/``@``, has no module PEFT could wrap.
+    """
+    if kind in ("linear", "conv1d"):
+        return None
+    return (f"it is a {kind} site (a weight used inside a module's own forward), and {target} can only "
+            f"target nn.Linear / Conv1D modules; export it with aurora_fx.export.to_onnx, or adapt a Linear child")
 
 
 def require(requests: list[SiteRequest], error: type[Exception] = ValueError, context: str = "") -> None:

@@ -1,0 +1,313 @@
+"""Train nonlinear, serve as LoRA: write any adapted model as a standard HF PEFT LoRA folder.
+
+``to_peft(model, folder, mode=...)`` writes ``adapter_config.json`` and ``adapter_model.safetensors``
+under PEFT's names, which vLLM, SGLang, TGI, onnxruntime-genai (through Olive) and PEFT load.
+
+* ``mode="exact"`` (the default for LoRA and AROMA): each adapter's update written as LoRA factors
+  with no change at all. LoRA keeps its r and α; AROMA writes its compacted stored factors (and a
+  trained active piece) with a per-site rank and scale 1 (``rank_pattern``, ``alpha_pattern``).
+* ``mode="static"`` (AuroRA): the paper's static merge ``ΔW = s·B·σ(Aᵀ)ᵀ`` (docs/methods.md §2.6), rank
+  ≤ r̃, as ``lora_B = s·B``, ``lora_A = σ(Aᵀ)ᵀ``. It drops σ's dependence on the input (σ is applied to
+  A's columns, not to A·x) and the input-independent bias ``B·σ(0)``; ``aurora_fx.merge(lossy=True)``
+  computes the same weights.
+* ``mode="fit"`` (any method): a calibrated linearization. Each site's inputs are collected over the
+  ``calibration`` batches (forward hooks), and the rank-``rank`` linear map that best reproduces the
+  adapter's output on them is fitted by reduced-rank regression on the activations (least squares,
+  then the top principal directions of the fitted outputs), with a bias in PEFT's ``lora_bias``
+  when ``bias=True``. One batch in four is held out; the per-site relative errors on it are
+  returned (``PeftExport.sites``). A site whose fit does worse than the static merge on the
+  calibration batches gets the static merge, so ``fit`` is never worse than ``static`` there.
+
+Only module sites can be LoRA targets in PEFT (``nn.Linear``, HF ``Conv1D`` with ``fan_in_fan_out``);
+a functional site gets an error that names it. ``trainable_modules`` (a new head) go to
+``modules_to_save``. Both files are written atomically; ``aurora_fx.load_peft_lora`` reads them
+back (exactly, for LoRA and AROMA).
+
+Example:
+    >>> result = aurora_fx.export.to_peft(model, "serve/", mode="fit", calibration=batches)
+    >>> print(result)                        # per-site rank and held-out relative error
+    >>> peft.PeftModel.from_pretrained(base, "serve/")
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save as safetensors_save
+from torch import nn
+
+from aurora_fx.atomic import atomic_write_bytes
+from aurora_fx.distributed import full, model_class
+from aurora_fx.methods.base import LoraFactors
+from aurora_fx.model_state import model_state
+from aurora_fx.owners import iter_bindings
+from aurora_fx.passes.check import check_export
+from aurora_fx.records import format_table
+from aurora_fx.tracing import get_submodule
+
+__all__ = ["to_peft", "PeftExport", "SiteExport", "PEFT_PREFIX"]
+
+logger = logging.getLogger("aurora_fx.export")
+PEFT_PREFIX = "base_model.model."
+MODES = ("exact", "static", "fit")
+
+
+@dataclass(frozen=True)
+class SiteExport:
+    """One site as written: its LoRA rank and, for fitted sites, how well the linear map fits."""
+
+    path: str
+    method: str
+    rank: int
+    how: str  # exact | static | fit | static (fit was worse)
+    calibration_error: float | None = None  # relative error on the calibration batches used to fit
+    heldout_error: float | None = None  # on the held-out calibration batches
+    static_calibration_error: float | None = None  # the static merge's, for comparison
+    static_heldout_error: float | None = None
+
+
+@dataclass(frozen=True)
+class PeftExport:
+    """What ``to_peft`` wrote."""
+
+    folder: Path
+    mode: str
+    sites: tuple[SiteExport, ...]
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        def pct(v):
+            return "" if v is None else f"{100 * v:.2f}%"
+
+        rows = [(s.path, s.method, s.how, s.rank, pct(s.calibration_error), pct(s.heldout_error),
+                 pct(s.static_heldout_error)) for s in self.sites]
+        header = ("site", "method", "written as", "rank", "calib. error", "held-out error", "static held-out")
+        return f"PEFT LoRA folder {self.folder} ({self.mode}):\n" + format_table(header, rows)
+
+
+@dataclass
+class _Stats:
+    """Sufficient statistics of one site's (x, Δ(x)) pairs, in float64."""
+
+    xtx: torch.Tensor
+    xty: torch.Tensor
+    sx: torch.Tensor
+    sy: torch.Tensor
+    yy: float = 0.0
+    n: int = 0
+
+    @classmethod
+    def empty(cls, d_in: int, d_out: int) -> _Stats:
+        z = torch.zeros
+        return cls(z(d_in, d_in, dtype=torch.float64), z(d_in, d_out, dtype=torch.float64),
+                   z(d_in, dtype=torch.float64), z(d_out, dtype=torch.float64))
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        x, y = x.reshape(-1, x.shape[-1]).double().cpu(), y.reshape(-1, y.shape[-1]).double().cpu()
+        self.xtx += x.t() @ x
+        self.xty += x.t() @ y
+        self.sx += x.sum(0)
+        self.sy += y.sum(0)
+        self.yy += float((y * y).sum())
+        self.n += x.shape[0]
+
+    def error(self, mt: torch.Tensor, c: torch.Tensor | None) -> float:
+        """Relative error ``‖Y − X·Mt − c‖_F / ‖Y‖_F`` from the statistics alone."""
+        e = self.yy - 2 * float((mt * self.xty).sum()) + float((mt * (self.xtx @ mt)).sum())
+        if c is not None:
+            e += -2 * float(c @ (self.sy - mt.t() @ self.sx)) + self.n * float(c @ c)
+        return max(e, 0.0) ** 0.5 / max(self.yy, 1e-300) ** 0.5
+
+
+def _reduced_rank_fit(stats: _Stats, rank: int, bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Least squares ``Y ≈ X·Mt (+ c)`` restricted to rank ``rank``; returns lora_A, lora_B, bias."""
+    xtx, xty = stats.xtx, stats.xty
+    if bias:
+        mx, my = stats.sx / max(stats.n, 1), stats.sy / max(stats.n, 1)
+        xtx, xty = xtx - stats.n * torch.outer(mx, mx), xty - stats.n * torch.outer(mx, my)
+    ridge = 1e-8 * float(torch.diagonal(xtx).mean()) + 1e-12
+    mt = torch.linalg.solve(xtx + ridge * torch.eye(xtx.shape[0], dtype=xtx.dtype), xty)  # (d_in, d_out)
+    _, vecs = torch.linalg.eigh(mt.t() @ xtx @ mt)  # fitted outputs' covariance, ascending
+    vk = vecs[:, -rank:]  # (d_out, k): top principal directions of the fitted outputs
+    lora_a, lora_b = (mt @ vk).t(), vk  # ΔW = lora_b @ lora_a = Vkᵀ-projected M
+    c = (my - (lora_b @ lora_a) @ mx) if bias else None
+    return lora_a, lora_b, c
+
+
+def _collect(model: nn.Module, bindings, calibration: Iterable) -> dict[str, tuple[_Stats, _Stats]]:
+    """Run the calibration batches with forward pre-hooks on the sites' owners: (fit, held-out) stats."""
+    stats = {b.site: (_Stats.empty(a.in_features, a.out_features), _Stats.empty(a.in_features, a.out_features))
+             for _, a, b in bindings}
+    state = {"batch": 0}
+
+    def hook_for(site: str, adapter: nn.Module):
+        def hook(module, args):
+            part = 1 if state["batch"] % 4 == 3 else 0
+            stats[site][part].add(args[0], adapter.oracle_delta(args[0].to(adapter.A.dtype)))
+        return hook
+
+    handles = [owner.register_forward_pre_hook(hook_for(b.site, a)) for owner, a, b in bindings]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            for batch in calibration:
+                _call(model, batch)
+                state["batch"] += 1
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    if state["batch"] == 0:
+        raise ValueError("calibration is empty; pass a list of batches or a DataLoader that yields some")
+    return stats
+
+
+def _call(model: nn.Module, batch: Any) -> Any:
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def _fit_site(a: nn.Module, fit: _Stats, held: _Stats, rank: int, bias: bool):
+    """The fitted factors (or the static merge when it fits the calibration batches better)."""
+    held = held if held.n else fit
+    static = a.lora_factors(lossy=True)
+    static_mt = (static.B @ static.A).t().double() * static.scale
+    lora_a, lora_b, c = _reduced_rank_fit(fit, min(rank, a.in_features, a.out_features), bias)
+    mt = (lora_b @ lora_a).t()
+    record = dict(calibration_error=fit.error(mt, c), heldout_error=held.error(mt, c),
+                  static_calibration_error=fit.error(static_mt, None),
+                  static_heldout_error=held.error(static_mt, None))
+    if record["static_calibration_error"] < record["calibration_error"]:
+        record.update(calibration_error=record["static_calibration_error"],
+                      heldout_error=record["static_heldout_error"])
+        return static, None, "static (fit was worse)", record
+    return LoraFactors(lora_a.float(), lora_b.float(), 1.0), c, "fit", record
+
+
+def _default_mode(adapters) -> str:
+    lossy = sorted({a.method for _, a, _ in adapters if not a.lora_exact})
+    if lossy:
+        raise ValueError(f"{', '.join(lossy)} adapters are nonlinear and have no exact LoRA form; pass "
+                         f"mode='static' (the paper's static merge) or mode='fit' with calibration batches "
+                         f"(a calibrated linearization), as aurora_fx.merge needs lossy=True")
+    return "exact"
+
+
+def _bindings(model: nn.Module):
+    out = []
+    for owner, gm, b in iter_bindings(model):
+        reason = check_export(b.kind, "PEFT LoRA")
+        if reason:
+            raise ValueError(f"site {b.site!r} cannot be written as standard LoRA: {reason}")
+        out.append((get_submodule(model, owner), gm.get_submodule(b.attr), b))
+    if not out:
+        raise ValueError("the model has no aurora_fx adapters; call aurora_fx.apply(model, pattern) first")
+    return out
+
+
+def _factors(model, adapters, mode, calibration, rank, bias):
+    """Per site: (factors, bias or None, how, fit record)."""
+    if mode == "fit":
+        if calibration is None:
+            raise ValueError("mode='fit' needs calibration=[batch, ...] (model inputs: dicts, tuples or tensors)")
+        stats = _collect(model, adapters, calibration)
+        return {b.site: _fit_site(a, *stats[b.site], rank or 2 * a.rank, bias) for _, a, b in adapters}
+    lossy = mode == "static"
+    return {b.site: (a.lora_factors(lossy=lossy), None, "static" if lossy and not a.lora_exact else "exact", {})
+            for _, a, b in adapters}
+
+
+def to_peft(model: nn.Module, folder: str | os.PathLike, mode: str | None = None, calibration: Iterable | None = None,
+            rank: int | None = None, *, bias: bool = False) -> PeftExport:
+    """Write ``model``'s adapters as a PEFT LoRA folder (see the module docstring for the modes).
+
+    Args:
+        model: An adapted model (unchanged by the export).
+        folder: The PEFT folder to write (created; both files replaced atomically).
+        mode: ``"exact"`` (default when every adapter is linear: LoRA, AROMA), ``"static"`` or
+            ``"fit"``; AuroRA needs one of the last two.
+        calibration: Model inputs for ``"fit"``: a list of batches or a DataLoader of dicts
+            (keyword inputs), tuples (positional) or tensors.
+        rank: LoRA rank k of fitted sites (default 2·r̃, i.e. 4 for AuroRA's default).
+        bias: ``"fit"`` only: also fit a bias, written as PEFT's ``lora_bias``.
+
+    Returns:
+        A ``PeftExport`` (``str()`` gives the per-site table).
+    """
+    if mode is not None and mode not in MODES:
+        raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
+    adapters = _bindings(model)
+    mode = mode or _default_mode(adapters)
+    written = _factors(model, adapters, mode, calibration, rank, bias)
+    tensors, sites, ranks, alphas = {}, [], {}, {}
+    for _, a, b in adapters:
+        factors, c, how, record = written[b.site]
+        if factors is None or factors.A.shape[0] == 0:
+            continue  # an empty update (an AROMA site that never grew) is no LoRA target
+        key = PEFT_PREFIX + b.site
+        tensors[f"{key}.lora_A.weight"] = full(factors.A).float().contiguous().cpu()
+        tensors[f"{key}.lora_B.weight"] = full(factors.B).float().contiguous().cpu()
+        if c is not None:
+            tensors[f"{key}.lora_B.bias"] = (c / factors.scale).float().contiguous()
+        ranks[b.site], alphas[b.site] = factors.A.shape[0], factors.scale * factors.A.shape[0]
+        sites.append(SiteExport(b.site, a.method, ranks[b.site], how, **record))
+    tensors.update(_saved_modules(model))
+    config = _config(model, adapters, ranks, alphas, bias and mode == "fit")
+    _write(Path(folder), config, tensors)
+    result = PeftExport(Path(folder), mode, tuple(sites), config)
+    logger.info("%s", result)
+    return result
+
+
+def _saved_modules(model: nn.Module) -> dict[str, torch.Tensor]:
+    state = model_state(model)
+    out = {}
+    for path in state.trainable_modules if state is not None else ():
+        for name, p in get_submodule(model, path).named_parameters():
+            out[f"{PEFT_PREFIX}{path}.{name}"] = full(p).contiguous().cpu()
+    return out
+
+
+def _common(values: dict[str, float]) -> float:
+    """The most frequent value (the default; the others go in a pattern)."""
+    counts: dict[float, int] = {}
+    for v in values.values():
+        counts[v] = counts.get(v, 0) + 1
+    return max(counts, key=lambda v: (counts[v], -v))
+
+
+def _config(model: nn.Module, adapters, ranks: dict[str, int], alphas: dict[str, float], lora_bias: bool) -> dict:
+    r, alpha = _common(ranks), _common(alphas)
+    kinds = {b.kind for _, _, b in adapters if b.site in ranks}
+    state = model_state(model)
+    cls = model_class(model)
+    return {
+        "peft_type": "LORA", "task_type": None, "r": int(r), "lora_alpha": float(alpha),
+        "target_modules": sorted(ranks), "lora_dropout": 0.0, "bias": "none", "lora_bias": lora_bias,
+        "use_rslora": False, "use_dora": False, "fan_in_fan_out": "conv1d" in kinds, "init_lora_weights": True,
+        "rank_pattern": {re.escape(s): int(v) for s, v in ranks.items() if v != r},
+        "alpha_pattern": {re.escape(s): float(v) for s, v in alphas.items() if v != alpha},
+        "modules_to_save": list(state.trainable_modules) if state is not None and state.trainable_modules else None,
+        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+        "inference_mode": True, "revision": None,
+        "auto_mapping": {"base_model_class": cls.__name__, "parent_library": cls.__module__},
+    }
+
+
+def _write(folder: Path, config: dict, tensors: dict[str, torch.Tensor]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(folder / "adapter_model.safetensors", safetensors_save(tensors, metadata={"format": "pt"}))
+    atomic_write_bytes(folder / "adapter_config.json", json.dumps(config, indent=2).encode())
+

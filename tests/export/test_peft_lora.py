@@ -1,0 +1,131 @@
+"""export.to_peft: standard PEFT LoRA folders, loaded by real PEFT onto a fresh base."""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+
+import pytest
+import torch
+
+import aurora_fx
+from aurora_fx.export import to_peft
+from tests.conftest import assert_close
+from tests.models import CASES, randomize_adapters
+
+pytestmark = pytest.mark.slow
+peft = pytest.importorskip("peft")
+
+
+def _adapted(name: str, method: str, **kwargs):
+    case = CASES[name]
+    torch.manual_seed(0)
+    base = case.build()
+    model = aurora_fx.apply(copy.deepcopy(base), case.pattern, method=method, rank=2, dropout=0.0, **kwargs)
+    randomize_adapters(model, std=0.1)
+    return case, base, model
+
+
+def _grow_aroma(model):
+    """Two merges plus a trained active piece, so the AROMA factors have a rank of their own."""
+    controller = aurora_fx.AromaController(model, torch.optim.SGD(aurora_fx.trainable_parameters(model), lr=0.0),
+                                           max_inner_steps=1)
+    for _ in range(2):
+        with torch.no_grad():
+            for _, _, a in aurora_fx.inventory.adapter_modules(model):
+                a.B.normal_(0, 0.1)
+        controller._outer_step()
+    with torch.no_grad():
+        for _, _, a in aurora_fx.inventory.adapter_modules(model):
+            a.B.normal_(0, 0.1)
+
+
+def _load_with_peft(base, folder):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(folder)).eval()
+    keys = [str(w.message) for w in caught if "key" in str(w.message).lower()]
+    assert keys == [], keys  # no missing or unexpected keys
+    return loaded
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2", "llama"])
+@pytest.mark.parametrize("method", ["lora", "aroma"])
+def test_lora_and_aroma_export_exactly_and_real_peft_gives_our_outputs(name, method, tmp_path):
+    case, base, model = _adapted(name, method)
+    if method == "aroma":
+        _grow_aroma(model)
+    result = to_peft(model, tmp_path)
+    assert result.mode == "exact" and all(s.how == "exact" for s in result.sites)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["fan_in_fan_out"] == (name == "gpt2")
+    assert sorted(config["target_modules"]) == sorted(a.path for a in aurora_fx.adapters(model))
+    inputs = case.inputs(2, 6)
+    with torch.no_grad():
+        expected = case.output(model.eval()(**inputs))
+        assert_close(case.output(_load_with_peft(base, tmp_path)(**inputs)), expected, atol=1e-5)
+    back = aurora_fx.load_peft_lora(copy.deepcopy(base), tmp_path)  # and back into aurora_fx
+    with torch.no_grad():
+        assert_close(case.output(back.eval()(**inputs)), expected, atol=1e-5)
+
+
+def test_aroma_sites_write_their_own_rank_and_scale_one(tmp_path):
+    _, _, model = _adapted("llama", "aroma")
+    _grow_aroma(model)
+    to_peft(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    ranks = {a.path: a.rank for a in aurora_fx.adapters(model)}
+    for site, rank in ranks.items():
+        r = next((v for k, v in config["rank_pattern"].items() if k.replace("\\", "") == site), config["r"])
+        alpha = next((v for k, v in config["alpha_pattern"].items() if k.replace("\\", "") == site),
+                     config["lora_alpha"])
+        assert r == rank and alpha == rank  # scale α/r = 1: the factors carry the scale
+
+
+def test_aurora_static_equals_the_lossy_merge_and_exact_mode_is_refused(tmp_path):
+    case, base, model = _adapted("bert", "aurora")
+    with pytest.raises(ValueError, match="aurora adapters are nonlinear.*mode='static'.*mode='fit'"):
+        to_peft(model, tmp_path)
+    to_peft(model, tmp_path, mode="static")
+    merged = aurora_fx.merge(copy.deepcopy(model), lossy=True)
+    inputs = case.inputs(2, 6)
+    with torch.no_grad():
+        assert_close(case.output(_load_with_peft(base, tmp_path)(**inputs)), case.output(merged(**inputs)),
+                     atol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_aurora_fit_is_never_worse_than_static_on_the_calibration_inputs(bias, tmp_path):
+    case, base, model = _adapted("bert", "aurora")
+    torch.manual_seed(1)
+    calibration = [case.inputs(4, 12) for _ in range(8)]
+    result = to_peft(model, tmp_path, mode="fit", calibration=calibration, rank=4, bias=bias)
+    assert len(result.sites) == 4 and "held-out error" in str(result)
+    for site in result.sites:
+        assert site.calibration_error <= site.static_calibration_error + 1e-9
+        assert site.heldout_error is not None and site.rank <= 4
+    assert any(s.how == "fit" and s.calibration_error < s.static_calibration_error for s in result.sites)
+    loaded = _load_with_peft(base, tmp_path)  # PEFT loads it (with lora_bias when fitted with a bias)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["lora_bias"] is bias
+    assert loaded is not None
+
+
+def test_trainable_modules_land_in_modules_to_save(tmp_path):
+    case, base, model = _adapted("roberta_cls", "lora", trainable_modules="classifier")
+    with torch.no_grad():
+        model.classifier.out_proj.weight.normal_()
+    to_peft(model, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_save"] == ["classifier"]
+    inputs = case.inputs(2, 6)
+    with torch.no_grad():
+        assert_close(case.output(_load_with_peft(base, tmp_path)(**inputs)), case.output(model.eval()(**inputs)),
+                     atol=1e-5)
+
+
+def test_a_functional_site_is_named_in_the_error(tmp_path):
+    _, _, model = _adapted("functional", "lora")
+    with pytest.raises(ValueError, match=r"site 'blocks\.0\.w_in' cannot be written as standard LoRA: it is a "
+                                         r"functional site"):
+        to_peft(model, tmp_path)
+    assert not (tmp_path / "adapter_config.json").exists()
