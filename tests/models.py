@@ -77,6 +77,14 @@ def llama() -> nn.Module:
                                         bos_token_id=1, eos_token_id=2, pad_token_id=0)).eval()
 
 
+def qwen2() -> nn.Module:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    return Qwen2ForCausalLM(Qwen2Config(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=4,
+                                        num_key_value_heads=2, intermediate_size=2 * HIDDEN, vocab_size=VOCAB,
+                                        bos_token_id=1, eos_token_id=2, pad_token_id=0)).eval()
+
+
 def vit() -> nn.Module:
     from transformers import ViTConfig, ViTForImageClassification
 
@@ -140,6 +148,13 @@ CASES = {
     "timm_resnet": ModelCase("timm_resnet", timm_resnet, _timm_pixels(64), "^fc$", lambda o: o, 1),
     "functional": ModelCase("functional", functional, lambda b, s: {"x": torch.randn(b, s, 16)}, "w_in|w_out",
                             lambda o: o, 4),
+}
+
+
+DECODERS = {  # HF causal LMs for the KV-cache export: AuroRA on one projection, LoRA on another
+    "gpt2": (gpt2, "attn.c_attn", "attn.c_proj"),
+    "llama": (llama, "q_proj", "v_proj"),
+    "qwen2": (qwen2, "q_proj", "v_proj"),
 }
 
 

@@ -59,6 +59,7 @@ class ExportResult:
         bytes: Size of the file (plus external data, if any).
         op_counts: ONNX op type → count in the main graph.
         adapter_nodes: Nodes coming from the fused AuroRA op.
+        notes: What the exporter decided for you (e.g. a decoder exported without its KV cache).
     """
 
     path: Path
@@ -70,6 +71,7 @@ class ExportResult:
     bytes: int = 0
     op_counts: dict[str, int] = field(default_factory=dict)
     adapter_nodes: int = 0
+    notes: tuple[str, ...] = ()
 
 
 def flatten_outputs(outputs: Any) -> list[torch.Tensor]:
@@ -246,12 +248,12 @@ def to_onnx(
         model: An adapted (or plain) model. Exported in eval mode; the model is not modified.
         path: Target ``.onnx`` file, written atomically.
         example_inputs: Positional example inputs (e.g. ``(pixels,)`` for timm).
-        example_kwargs: Keyword example inputs (HF: ``input_ids``, ``attention_mask``; decoders
-            add ``use_cache=False``).
+        example_kwargs: Keyword example inputs (HF: ``input_ids``, ``attention_mask``). For an HF
+            decoder ``use_cache=False`` is added unless given (``ExportResult.notes`` says so);
+            ``to_onnx_decoder`` exports the KV cache.
         dynamic: Batch axes dynamic, and sequence axes of token inputs (2-D/3-D integer) and of
             float ``(B, L, D)`` inputs; other axes keep the example's size.
-        verify: Run onnxruntime (CPU provider) on the example and on a second, differently
-            shaped input; raise ``ExportVerificationError`` over ``atol``.
+        verify: Check in onnxruntime (CPU) on the example and on a differently shaped input.
         merge: Export LoRA/AROMA merged into the base weights (the base graph with new weights);
             AuroRA needs ``lossy=True`` too.
         lossy: Allow AuroRA's lossy static merge when ``merge=True``.
@@ -266,6 +268,7 @@ def to_onnx(
     kwargs = dict(example_kwargs or {})
     if not args and not kwargs:
         raise ValueError("to_onnx needs example_inputs=(...) or example_kwargs={...} to trace the model")
+    notes = _cache_off(model, kwargs)
     target = Path(path)
     atol = default_atol(model) if atol is None else atol
     exported = copy.deepcopy(model).eval()
@@ -280,9 +283,19 @@ def to_onnx(
     proto = onnx.load(str(target), load_external_data=False)
     input_names = [i.name for i in proto.graph.input]
     diffs = _verify(exported, target, args, kwargs, dynamic, atol, input_names) if verify else {}
-    ops = Counter(n.op_type for n in proto.graph.node)
     return ExportResult(
         path=target, input_names=tuple(input_names), output_names=tuple(o.name for o in proto.graph.output),
         dynamic_axes=_dynamic_spec(args, kwargs)[1] if dynamic else {}, max_abs_diff=diffs, seconds=seconds,
-        bytes=size, op_counts=dict(ops), adapter_nodes=sum("aurora_delta_add" in n.name for n in proto.graph.node),
-    )
+        bytes=size, op_counts=dict(Counter(n.op_type for n in proto.graph.node)),
+        adapter_nodes=sum("aurora_delta_add" in n.name for n in proto.graph.node), notes=notes)
+
+
+def _cache_off(model: nn.Module, kwargs: dict[str, Any]) -> tuple[str, ...]:
+    """A decoder's KV cache object cannot be a graph output: turn it off (and say so) unless asked."""
+    from aurora_fx.export.decoder import is_decoder
+
+    if not is_decoder(model) or "use_cache" in kwargs:
+        return ()
+    kwargs["use_cache"] = False
+    return ("exported with use_cache=False: this graph has no KV cache and recomputes the whole prefix at "
+            "every token; aurora_fx.export.to_onnx_decoder exports the cache as inputs and outputs for serving",)

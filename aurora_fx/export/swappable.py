@@ -34,7 +34,8 @@ from aurora_fx.atomic import atomic_path
 from aurora_fx.export.onnx import ExportResult, to_onnx
 from aurora_fx.registry import is_registered_adapter
 
-__all__ = ["to_onnx_swappable", "save_adapter_weights", "adapter_tensors", "SwappableSession", "ADAPTER_MARK"]
+__all__ = ["to_onnx_swappable", "save_adapter_weights", "adapter_tensors", "make_overridable", "SwappableSession",
+           "ADAPTER_MARK"]
 
 ADAPTER_MARK = ".adapter"  # adapter tensors are named <site module>.adapter[_param].<A|B|H|Ws|U|V>
 
@@ -72,21 +73,26 @@ def _make_overridable(proto: onnx.ModelProto, names: dict[str, int | None]) -> l
     return found
 
 
+def make_overridable(proto: onnx.ModelProto, model: nn.Module) -> list[str]:
+    """Turn ``model``'s adapter tensors in ``proto`` into zero-default graph inputs (in place)."""
+    found = _make_overridable(proto, {name: axis for name, _, axis in _stored(model)})
+    del proto.graph.value_info[:]  # intermediate shapes depend on the fed adapter (AROMA widths): re-infer
+    onnx.checker.check_model(proto)
+    return found
+
+
 def to_onnx_swappable(model: nn.Module, path: str | os.PathLike, example_inputs: tuple | None = None,
                       example_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> ExportResult:
     """Export ``model``'s structure with adapter weights as zero-default graph inputs.
 
     Verification (``verify=True``) runs with ``model``'s own weights fed as inputs.
     """
-    names = {name: axis for name, _, axis in _stored(model)}
-    if not names:
+    if not adapter_tensors(model):
         raise ValueError("the model has no adapters; swappable export needs aurora_fx.apply(model, ...) first")
     verify = kwargs.pop("verify", True)
     result = to_onnx(model, path, example_inputs, example_kwargs, verify=False, **kwargs)
     proto = onnx.load(str(result.path))
-    _make_overridable(proto, names)
-    del proto.graph.value_info[:]  # intermediate shapes depend on the fed adapter (AROMA widths): re-infer
-    onnx.checker.check_model(proto)
+    make_overridable(proto, model)
     with atomic_path(result.path) as tmp:
         onnx.save_model(proto, tmp)
     if verify:
