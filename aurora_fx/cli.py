@@ -110,7 +110,8 @@ def _rebuild(checkpoint: str, model_spec: str | None):
     if model_spec is None and spec != "minilm" and not spec.startswith("timm:") and not Path(spec).is_dir():
         raise ValueError(f"the base model {spec!r} recorded in {checkpoint} is not a folder here; pass --model MODEL "
                          f"(minilm, a local Hugging Face folder or timm:<name>) to say where it is")
-    loaded = load_model(spec, num_labels=ckpt.extra.get("num_labels"))
+    causal = ckpt.model_class.endswith("ForCausalLM")
+    loaded = load_model(spec, num_labels=None if causal else ckpt.extra.get("num_labels"), causal_lm=causal)
     aurora_fx.load_adapters(loaded.model, ckpt.path)
     return loaded
 
@@ -138,12 +139,27 @@ def _cmd_export(args: argparse.Namespace) -> int:
     loaded = _rebuild(args.checkpoint, args.model)
     if args.format == "peft":
         return _export_peft(args, loaded)
+    if loaded.kind == "causal_lm":
+        return _export_decoder(args, loaded)
     result = to_onnx(loaded.model, args.out, example_kwargs=example_inputs(loaded), merge=args.merge,
                      lossy=args.lossy)
     diffs = ", ".join(f"{shape}: {d:.2e}" for shape, d in result.max_abs_diff.items())
     print(f"wrote {result.path} ({result.bytes / 2**20:.1f} MiB) in {result.seconds:.1f}s; inputs "
           f"{list(result.input_names)}, outputs {list(result.output_names)}; "
           f"onnxruntime vs PyTorch max abs diff {diffs}")
+    return 0
+
+
+def _export_decoder(args: argparse.Namespace, loaded) -> int:
+    from aurora_fx.export import to_onnx_decoder
+
+    if args.merge:
+        raise ValueError("--merge is not supported for causal LMs; the decoder graph keeps the adapters unmerged")
+    result = to_onnx_decoder(loaded.model, args.out)
+    diffs = ", ".join(f"batch {b} seq {s} past {p}: {d:.2e}" for (b, s, p), d in result.max_abs_diff.items())
+    print(f"wrote {result.path} ({result.bytes / 2**20:.1f} MiB) in {result.seconds:.1f}s: a causal LM, so the KV "
+          f"cache is an input and an output ({len(result.input_names) - 3} past tensors); onnxruntime vs PyTorch "
+          f"max abs diff {diffs}; generate with aurora_fx.export.OnnxGenerator({str(result.path)!r})")
     return 0
 
 

@@ -41,13 +41,14 @@ def _quiet_transformers() -> None:
     logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
-def load_model(spec: str, *, num_labels: int | None = None) -> LoadedModel:
+def load_model(spec: str, *, num_labels: int | None = None, causal_lm: bool = False) -> LoadedModel:
     """Build the model named by ``spec``.
 
     Args:
         spec: ``minilm``, a local HF model folder, or ``timm:<architecture>``.
         num_labels: Build a sequence classifier with a new head of this size (text models), or
             set timm's ``num_classes``. None: the bare encoder / the default head.
+        causal_lm: Load an HF folder as a causal LM (``AutoModelForCausalLM``).
     """
     if spec.startswith("timm:"):
         return LoadedModel(spec, _timm_model(spec[5:], num_labels), None, "image")
@@ -55,13 +56,25 @@ def load_model(spec: str, *, num_labels: int | None = None) -> LoadedModel:
     if not folder.is_dir():
         raise ValueError(f"model {spec!r} is neither 'minilm', 'timm:<name>' nor a local Hugging Face model folder")
     _quiet_transformers()
-    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    if num_labels:
+    if causal_lm:
+        model = AutoModelForCausalLM.from_pretrained(folder)
+    elif num_labels:
         model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=num_labels)
     else:
         model = AutoModel.from_pretrained(folder)
-    return LoadedModel(spec, model.eval(), AutoTokenizer.from_pretrained(folder), "text")
+    return LoadedModel(spec, model.eval(), _tokenizer(folder), "causal_lm" if causal_lm else "text")
+
+
+def _tokenizer(folder: Path):
+    """The folder's tokenizer, or None when it ships none (a bare config + weights)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 def _timm_model(name: str, num_labels: int | None) -> nn.Module:

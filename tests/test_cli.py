@@ -118,3 +118,18 @@ def test_export_peft_fit_without_calibration_is_a_one_line_error(trained, tmp_pa
     code = main(["export", str(trained / "adapters.safetensors"), "--format", "peft", "--out", str(tmp_path),
                  "--mode", "fit"])
     assert code == 2 and "--mode fit needs --calibrate DATA" in capsys.readouterr().err
+
+
+def test_export_picks_the_kv_cache_decoder_graph_for_a_causal_lm(tmp_path, capsys):
+    import aurora_fx
+    from tests.models import llama
+
+    base = tmp_path / "tinyllama"
+    llama().save_pretrained(base)
+    model = aurora_fx.apply(type(llama()).from_pretrained(base), "q_proj")
+    ckpt = aurora_fx.save_adapters(model, tmp_path / "run", extra={"base_model": str(base)})
+    assert main(["export", str(ckpt), "--out", str(tmp_path / "llm.onnx")]) == 0
+    out = capsys.readouterr().out
+    assert "a causal LM, so the KV cache is an input and an output (4 past tensors)" in out
+    gen = aurora_fx.export.OnnxGenerator(tmp_path / "llm.onnx")
+    assert gen.generate(__import__("torch").tensor([[5, 6, 7]]), max_new_tokens=3).shape[1] <= 6
