@@ -4,6 +4,10 @@
 
 1. Microbenchmark: ``base + Δ(x)`` forward+backward at N=4096 tokens, d=768, r̃=2: the fused op
    against the unfused adapter subgraph (the same oracle math in plain torch ops).
+   And one frozen ``nn.Linear(768, 768)`` at N=4096 tokens (its input requiring grad, as inside a
+   model): the bare linear against it with fused AuroRA r̃=2, our fused LoRA r=8 and HF PEFT LoRA r=8
+   (forward+backward, and the no-grad forward), ratios to the bare linear. aurora-peft's AuroRA is not
+   in the table: installing it rewrites a file of the installed PEFT package.
 2. Training step on MiniLM-L6 (real weights), seq 128, batch 16, adapters on query/value, AdamW:
    AuroRA fused, AuroRA unfused, our LoRA r=8, HF PEFT LoRA r=8, and the floor: the frozen model
    with a trainable head whose backward still runs through every layer (embedding output requires
@@ -72,6 +76,45 @@ def micro(repeats: int, n: int = 4096, d: int = 768, r: int = 2) -> dict:
     return {"n": n, "d": d, "rank": r, "median_ms": {k: 1000 * v for k, v in med.items()},
             "fwd_bwd_speedup": paired_ratio(times, "unfused", "fused"),
             "fwd_speedup": paired_ratio(times, "unfused_fwd", "fused_fwd")}
+
+
+def _linears(d: int):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    bare = torch.nn.Sequential(torch.nn.Linear(d, d)).requires_grad_(False)
+    out = {"bare linear": bare,
+           "AuroRA r̃=2 (fused)": aurora_fx.apply(copy.deepcopy(bare), "^0$"),
+           "our LoRA r=8 (fused)": aurora_fx.apply(copy.deepcopy(bare), "^0$", method="lora", rank=8),
+           "PEFT LoRA r=8": get_peft_model(copy.deepcopy(bare), LoraConfig(r=8, lora_alpha=16, target_modules=["0"]))}
+    with torch.no_grad():
+        for model in out.values():
+            for n, p in model.named_parameters():
+                if "adapter" in n or "lora_" in n:
+                    p.normal_(0, 0.02)
+    return out
+
+
+def single_linear(repeats: int, n: int = 4096, d: int = 768) -> dict:
+    """Ratios to one bare frozen Linear: fwd+bwd and no-grad forward, paired per round."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, d, generator=g).requires_grad_()
+    grad = torch.randn(n, d, generator=g)
+    calls = {}
+    for name, model in _linears(d).items():
+        params = [x, *(p for p in model.parameters() if p.requires_grad)]
+        calls[f"{name}|fwd+bwd"] = lambda m=model, ps=params: torch.autograd.grad(m(x), ps, grad)
+        calls[f"{name}|fwd"] = lambda m=model: _no_grad(m, x)
+    times = interleaved(calls, repeats=repeats, warmup=3)
+    names = [k.split("|")[0] for k in calls if k.endswith("|fwd")]
+    return {"n": n, "d": d, "names": names,
+            "median_ms": {k: 1000 * median(v) for k, v in times.items()},
+            "ratio": {k: paired_ratio(times, k, f"bare linear|{k.split('|')[1]}") for k in times}}
+
+
+def _no_grad(model, x):
+    with torch.no_grad():
+        return model(x)
 
 
 # -- 2./3. MiniLM ---------------------------------------------------------------------------------
@@ -214,6 +257,12 @@ def report(result: dict) -> None:
         ("unfused adapter subgraph", f"{ms['unfused']:.2f}", f"{ms['unfused_fwd']:.2f}"),
         ("fused aurora_delta_add", f"{ms['fused']:.2f}", f"{ms['fused_fwd']:.2f}"),
         ("speed-up (paired, unfused / fused)", f"{mi['fwd_bwd_speedup']:.2f}x", f"{mi['fwd_speedup']:.2f}x")]))
+    sl = result["single_linear"]
+    print(f"\n1b. One frozen nn.Linear({sl['d']}, {sl['d']}), N={sl['n']} tokens, input requires grad (paired ratios "
+          f"to the bare linear)")
+    print(table(("variant", "fwd+bwd ms", "vs bare", "no-grad fwd ms", "vs bare"), [
+        (name, f"{sl['median_ms'][name + '|fwd+bwd']:.2f}", f"{sl['ratio'][name + '|fwd+bwd']:.3f}",
+         f"{sl['median_ms'][name + '|fwd']:.2f}", f"{sl['ratio'][name + '|fwd']:.3f}") for name in sl["names"]]))
     if "training" not in result:
         return
     tr = result["training"]
@@ -244,7 +293,8 @@ def main() -> None:
         return
     torch.set_num_threads(2)
     repeats = 3 if args.quick else args.repeats
-    result = {"repeats": repeats, "micro": micro(max(repeats, 10) * 4)}
+    result = {"repeats": repeats, "micro": micro(max(repeats, 10) * 4),
+              "single_linear": single_linear(max(repeats, 10) * 4)}
     if not args.micro_only:
         result["training"] = training(repeats)
     report(result)

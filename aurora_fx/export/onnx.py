@@ -31,14 +31,14 @@ import onnx
 import torch
 from torch import nn
 
-from aurora_fx.export.translation import aurora_delta_add_onnx
-from aurora_fx.passes.fuse import FUSED_OP
+from aurora_fx.export.translation import aurora_delta_add_onnx, lora_delta_add_onnx
+from aurora_fx.passes.fuse import FUSED_LORA_OP, FUSED_OP
 from aurora_fx.surgery import merge as merge_adapters
 
 __all__ = ["to_onnx", "ExportResult", "ExportVerificationError", "run_onnx", "flatten_outputs", "output_names"]
 
 TWO_GB = 2 * 1024**3
-TRANSLATIONS = {FUSED_OP: aurora_delta_add_onnx}
+TRANSLATIONS = {FUSED_OP: aurora_delta_add_onnx, FUSED_LORA_OP: lora_delta_add_onnx}
 
 
 class ExportVerificationError(RuntimeError):

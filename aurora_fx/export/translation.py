@@ -30,7 +30,7 @@ from onnxscript import opset18 as op
 
 from aurora_fx.ops.aurora_delta import first_centre
 
-__all__ = ["aurora_delta_add_onnx", "spline_layout"]
+__all__ = ["aurora_delta_add_onnx", "lora_delta_add_onnx", "spline_layout"]
 
 
 def _float_dtype(*values):
@@ -98,3 +98,16 @@ def aurora_delta_add_onnx(base, x, A, B, H, Ws, scale: float, grid_lo: float, gr
 def _cast(value, have, want):
     """``value`` (of type ``have``) as ``want``: a Cast node only where both are known and differ."""
     return value if have is None or want is None or have == want else op.Cast(value, to=want)
+
+
+def lora_delta_add_onnx(base, x, A, B, scale: float):
+    """``(base + scale·B·A·x, A·x)`` in two MatMuls (the scale folded into Bᵀ, folded at load).
+
+    ATen schema: ``aurora_fx::lora_delta_add(Tensor base, Tensor x, Tensor A, Tensor B, float scale)
+    -> (Tensor, Tensor)``.
+    """
+    dtype = _float_dtype(A, B, x)
+    x = _cast(x, getattr(x, "dtype", None), dtype)
+    t = op.MatMul(x, op.Transpose(A, perm=[1, 0]))
+    up = op.Mul(op.Transpose(B, perm=[1, 0]), _const(scale, dtype))
+    return op.Add(base, _cast(op.MatMul(t, up), dtype, getattr(base, "dtype", None))), t

@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-import aurora_fx.ops  # noqa: F401  (registers torch.ops.aurora_fx)
 from aurora_fx import functional as AF
 from aurora_fx.config import AuroraConfig
 from aurora_fx.methods.base import AdapterBase, Fusion, LoraFactors, kaiming_uniform_
 from aurora_fx.ops.aurora_delta import ORDER
+from aurora_fx.ops.fused import aurora_delta
 from aurora_fx.registry import register_adapter
 
 __all__ = ["AuroraAdapter"]
@@ -30,7 +30,7 @@ class AuroraAdapter(AdapterBase):
     H Xavier-normal; Ws U(±spline_init). The knot vector is a non-persistent float64 buffer
     rebuilt from the config (also after ``.to()``/``.double()``, so casts never round it).
     Parameters per site: ``r̃(d_in + d_out) + r̃² + r̃(G + K)``. Fused (cubic splines) into
-    ``aurora_fx::aurora_delta_add``.
+    ``aurora_fx.ops.aurora_delta`` (the CPU op ``aurora_fx::aurora_delta_add``, Triton on CUDA).
     """
 
     config_class = AuroraConfig
@@ -64,12 +64,11 @@ class AuroraAdapter(AdapterBase):
         return AF.aurora_delta(x, self.A, self.B, self.H, self.Ws, self.knots, self.scale, self.order)
 
     def fusion(self) -> Fusion | str:
-        """``aurora_delta_add(base, x, A, B, H, Ws, s, lo, h)`` for cubic splines."""
+        """``ops.aurora_delta(base, x, A, B, H, Ws, s, lo, h)`` for cubic splines (CPU op, or Triton on CUDA)."""
         if self.order != ORDER:
             return f"spline_order {self.order}: the fused kernel implements cubic splines only"
         lo, _ = self.config.grid_range
-        return Fusion(torch.ops.aurora_fx.aurora_delta_add.default, ("A", "B", "H", "Ws"),
-                      (self.scale, lo, self.config.grid_step))
+        return Fusion(aurora_delta, ("A", "B", "H", "Ws"), (self.scale, lo, self.config.grid_step))
 
     def oracle_delta(self, x: Tensor) -> Tensor:
         """``s·B·σ(A·x)`` from the oracle, with knots rebuilt from the config."""

@@ -7,7 +7,8 @@ from torch import Tensor, nn
 
 from aurora_fx import functional as AF
 from aurora_fx.config import LoraConfig
-from aurora_fx.methods.base import AdapterBase, LoraFactors, kaiming_uniform_
+from aurora_fx.methods.base import AdapterBase, Fusion, LoraFactors, kaiming_uniform_
+from aurora_fx.ops.fused import lora_delta
 from aurora_fx.registry import register_adapter
 
 __all__ = ["LoraAdapter"]
@@ -18,6 +19,8 @@ class LoraAdapter(AdapterBase):
     """LoRA: ``Δ(x) = (α/r)·B·A·drop(x)``; A Kaiming-uniform, B zero.
 
     Shapes: A ``(r, in_features)``, B ``(out_features, r)``. Parameters: ``r·(d_in + d_out)``.
+    Fused into ``aurora_fx.ops.lora_delta`` (the update accumulated into the base output in one
+    GEMM; Triton on CUDA).
     """
 
     config_class = LoraConfig
@@ -33,6 +36,10 @@ class LoraAdapter(AdapterBase):
     def forward(self, x: Tensor) -> Tensor:
         """The LoRA delta ``s·B·A·drop(x)``."""
         return AF.lora_delta(self._input(x, self.A), self.A, self.B, self.scale)
+
+    def fusion(self) -> Fusion:
+        """``ops.lora_delta(base, x, A, B, s)``."""
+        return Fusion(lora_delta, ("A", "B"), (self.scale,))
 
     def oracle_delta(self, x: Tensor) -> Tensor:
         """``s·B·A·x`` from the oracle."""

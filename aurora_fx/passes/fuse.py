@@ -6,20 +6,19 @@ Pattern → check → rewrite:
   tagged with that attribute (the inlined ``adapter.forward``);
 * check: the adapter's ``fusion()`` returns a ``Fusion`` (op, operands); a reason string means
   it stays unfused (AuroRA fuses cubic splines only; methods without a fused op never fuse);
-* rewrite: ``add = base + Δ(x)`` → ``fusion.op(base, x, *params, *constants)[0]``, e.g.
-  ``aurora_delta_add(base, x, A, B, H, Ws, s, lo, h)[0]``. The adapter's dropout node, if
-  any, stays and feeds the op.
+* rewrite: ``add = base + Δ(x)`` → ``fusion.op(base, x, *params, *constants)``, e.g.
+  ``aurora_fx.ops.aurora_delta(base, x, A, B, H, Ws, s, lo, h)`` (which picks the CPU op, the
+  in-place no-grad variant or Triton at each call). The adapter's dropout node, if any, stays and
+  feeds the op.
 
 After (compare the unfused graph in ``insert_adapters``)::
 
     linear = torch._C._nn.linear(input, weight, bias)
     adapter_a = self.adapter.A
     ...
-    aurora_delta_add = torch.ops.aurora_fx.aurora_delta_add.default(linear, input, adapter_a,
-                                                                     adapter_b, adapter_h,
-                                                                     adapter_ws, 2.0, -1.0, 0.4)
-    getitem = aurora_delta_add[0]
-    return getitem
+    aurora_delta = aurora_fx_ops_fused_aurora_delta(linear, input, adapter_a, adapter_b, adapter_h,
+                                                    adapter_ws, 2.0, -1.0, 0.4)
+    return aurora_delta
 """
 
 from __future__ import annotations
@@ -34,7 +33,7 @@ import aurora_fx.ops  # noqa: F401  (registers torch.ops.aurora_fx)
 from aurora_fx.methods.base import Fusion
 from aurora_fx.passes.base import ADAPTER_TAG, ROLE, PassResult, Role, finish_graph, tag
 
-__all__ = ["fuse_adapters", "can_fuse", "FUSED_OP", "is_fused"]
+__all__ = ["fuse_adapters", "can_fuse", "FUSED_OP", "FUSED_LORA_OP", "is_fused"]
 
 FUSED_OP = torch.ops.aurora_fx.aurora_delta_add.default
 
@@ -48,6 +47,9 @@ def can_fuse(adapter: object) -> str | None:
 def is_fused(gm: fx.GraphModule, attr: str) -> bool:
     """Whether the adapter at ``attr`` runs as a fused op call in ``gm``."""
     return any(n.meta.get(ADAPTER_TAG) == attr and n.meta.get(ROLE) == Role.FUSED for n in gm.graph.nodes)
+
+
+FUSED_LORA_OP = torch.ops.aurora_fx.lora_delta_add.default
 
 
 def _adapter_input(nodes: list[fx.Node], attr: str, param: str) -> fx.Node:
@@ -66,11 +68,11 @@ def _fuse_one(gm: fx.GraphModule, total: fx.Node, attr: str, fusion: Fusion) -> 
     base = total.args[0]
     with graph.inserting_before(total):
         params = [graph.get_attr(f"{attr}.{name}") for name in fusion.params]
-        fused = graph.call_function(fusion.op, (base, x, *params, *fusion.constants))
-        out = graph.call_function(operator.getitem, (fused, 0))
-    for node in (*params, fused):
+        out = graph.call_function(fusion.op, (base, x, *params, *fusion.constants))
+    for node in params:
         tag(node, attr, Role.FUSED)
     tag(out, attr, Role.SUM)
+    out.meta["aurora_fx_fused"] = True
     total.replace_all_uses_with(out)
     graph.erase_node(total)
     for node in reversed(tagged):

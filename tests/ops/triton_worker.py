@@ -1,0 +1,85 @@
+"""Run by tests/ops/test_triton.py in a fresh process with TRITON_INTERPRET=1 (not collected by pytest).
+
+Checks the Triton kernels (``aurora_fx.ops.triton_ops``) on CPU tensors against the functional oracle,
+forward and backward, at small odd shapes (N=37, d_in=24, d_out=40, r̃ = 1…4, z inside, on and outside
+the spline grid) in float32 and bfloat16; prints one JSON line per case with the worst errors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+assert os.environ.get("TRITON_INTERPRET") == "1", "set TRITON_INTERPRET=1 before running this worker"
+
+import torch  # noqa: E402
+
+from aurora_fx import functional as AF  # noqa: E402
+from aurora_fx.ops import triton_ops as T  # noqa: E402
+
+N, D_IN, D_OUT = 37, 24, 40
+
+
+def _inputs(r: int, dtype: torch.dtype, spread: float, seed: int):
+    g = torch.Generator().manual_seed(seed)
+
+    def leaf(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(dtype).requires_grad_()
+
+    x = leaf(N, D_IN)
+    A = leaf(r, D_IN, scale=spread / D_IN**0.5)  # z ≈ N(0, spread²): inside, on and past the grid
+    return x, leaf(N, D_OUT), A, leaf(D_OUT, r, scale=0.3), leaf(r, r), leaf(r, 8, scale=0.3)
+
+
+def _grads(out, inputs, g):
+    return torch.autograd.grad(out, inputs, g)
+
+
+def aurora_case(r: int, dtype: torch.dtype, spread: float) -> dict:
+    x, base, A, B, H, Ws = inputs = _inputs(r, dtype, spread, seed=r)
+    g = torch.randn(N, D_OUT, generator=torch.Generator().manual_seed(9)).to(dtype)
+    out, z = T.aurora_delta_add_triton(base, x, A, B, H, Ws, 2.0, -1.0, 0.4)
+    knots = AF.spline_knots(dtype=torch.float64)
+    ref_in = [t.detach().double().requires_grad_() for t in inputs]
+    ref = ref_in[1] + AF.aurora_delta(ref_in[0], ref_in[2], ref_in[3], ref_in[4], ref_in[5], knots, 2.0)
+    got, want = _grads(out, inputs, g), _grads(ref, ref_in, g.double())
+    return {"op": "aurora", "r": r, "dtype": str(dtype), "spread": spread,
+            "z_outside": float((z.abs() > 2.2).float().mean()),
+            "forward": float((out.double() - ref).abs().max() / ref.abs().max()),
+            "backward": max(float((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-12))
+                            for a, b in zip(got, want, strict=True))}
+
+
+def lora_case(r: int, dtype: torch.dtype) -> dict:
+    x, base, A, B, _, _ = inputs = _inputs(r, dtype, 1.0, seed=10 + r)
+    inputs = inputs[:4]
+    g = torch.randn(N, D_OUT, generator=torch.Generator().manual_seed(9)).to(dtype)
+    out, _ = T.lora_delta_add_triton(base, x, A, B, 4.0)
+    ref_in = [t.detach().double().requires_grad_() for t in inputs]
+    ref = ref_in[1] + AF.lora_delta(ref_in[0], ref_in[2], ref_in[3], 4.0)
+    got, want = _grads(out, inputs, g), _grads(ref, ref_in, g.double())
+    return {"op": "lora", "r": r, "dtype": str(dtype), "forward": float((out.double() - ref).abs().max() /
+                                                                         ref.abs().max()),
+            "backward": max(float((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-12))
+                            for a, b in zip(got, want, strict=True))}
+
+
+def inplace_case() -> dict:
+    x, base, A, B, H, Ws = (t.detach() for t in _inputs(2, torch.float32, 1.0, seed=5))
+    expected = T.aurora_delta_add_triton(base, x, A, B, H, Ws, 2.0, -1.0, 0.4)[0]
+    target = base.clone()
+    returned = T.aurora_delta_add_inplace_triton(target, x, A, B, H, Ws, 2.0, -1.0, 0.4)
+    return {"op": "inplace", "same_tensor": returned is target, "forward": float((target - expected).abs().max())}
+
+
+def main() -> None:
+    for dtype in (torch.float32, torch.bfloat16):
+        for r in (1, 2, 3, 4):
+            for spread in (0.5, 3.0):
+                print(json.dumps(aurora_case(r, dtype, spread)))
+            print(json.dumps(lora_case(r, dtype)))
+    print(json.dumps(inplace_case()))
+
+
+if __name__ == "__main__":
+    main()
