@@ -41,7 +41,14 @@ import onnx
 import torch
 from torch import nn
 
-from aurora_fx.export.onnx import TRANSLATIONS, ExportResult, ExportVerificationError, _write, default_atol
+from aurora_fx.export.onnx import (
+    ADAPTER_NODE_MARKS,
+    TRANSLATIONS,
+    ExportResult,
+    ExportVerificationError,
+    _write,
+    default_atol,
+)
 
 __all__ = ["to_onnx_decoder", "OnnxGenerator", "DecoderSpec", "is_decoder", "position_ids"]
 
@@ -235,8 +242,8 @@ def to_onnx_decoder(model: nn.Module, path: str | os.PathLike, *, verify: bool =
     return ExportResult(path=target, input_names=tuple(spec.input_names()), output_names=tuple(spec.output_names()),
                         dynamic_axes={"input_ids": ("batch", "seq"), "attention_mask": ("batch", "past+seq")},
                         max_abs_diff=diffs, seconds=seconds, bytes=size,
-                        op_counts=_op_counts(proto), adapter_nodes=sum("aurora_delta_add" in n.name
-                                                                       for n in proto.graph.node))
+                        op_counts=_op_counts(proto),
+                        adapter_nodes=sum(any(m in n.name for m in ADAPTER_NODE_MARKS) for n in proto.graph.node))
 
 
 def _strip_prefix(proto: onnx.ModelProto, prefix: str) -> None:

@@ -31,14 +31,22 @@ import onnx
 import torch
 from torch import nn
 
-from aurora_fx.export.translation import aurora_delta_add_onnx, lora_delta_add_onnx
+from aurora_fx.export.translation import (
+    aurora_delta_add_onnx,
+    aurora_linear_onnx,
+    lora_delta_add_onnx,
+    lora_linear_onnx,
+)
 from aurora_fx.passes.fuse import FUSED_LORA_OP, FUSED_OP
 from aurora_fx.surgery import merge as merge_adapters
 
 __all__ = ["to_onnx", "ExportResult", "ExportVerificationError", "run_onnx", "flatten_outputs", "output_names"]
 
 TWO_GB = 2 * 1024**3
-TRANSLATIONS = {FUSED_OP: aurora_delta_add_onnx, FUSED_LORA_OP: lora_delta_add_onnx}
+TRANSLATIONS = {FUSED_OP: aurora_delta_add_onnx, FUSED_LORA_OP: lora_delta_add_onnx,
+                torch.ops.aurora_fx.aurora_linear.default: aurora_linear_onnx,
+                torch.ops.aurora_fx.lora_linear.default: lora_linear_onnx}
+ADAPTER_NODE_MARKS = ("aurora_delta_add", "aurora_linear")  # node names the AuroRA translations emit
 
 
 class ExportVerificationError(RuntimeError):
@@ -58,7 +66,7 @@ class ExportResult:
         seconds: Export time (without verification).
         bytes: Size of the file (plus external data, if any).
         op_counts: ONNX op type → count in the main graph.
-        adapter_nodes: Nodes coming from the fused AuroRA op.
+        adapter_nodes: Nodes coming from the fused AuroRA ops.
         notes: What the exporter decided for you (e.g. a decoder exported without its KV cache).
     """
 
@@ -287,7 +295,7 @@ def to_onnx(
         path=target, input_names=tuple(input_names), output_names=tuple(o.name for o in proto.graph.output),
         dynamic_axes=_dynamic_spec(args, kwargs)[1] if dynamic else {}, max_abs_diff=diffs, seconds=seconds,
         bytes=size, op_counts=dict(Counter(n.op_type for n in proto.graph.node)),
-        adapter_nodes=sum("aurora_delta_add" in n.name for n in proto.graph.node), notes=notes)
+        adapter_nodes=sum(any(m in n.name for m in ADAPTER_NODE_MARKS) for n in proto.graph.node), notes=notes)
 
 
 def _cache_off(model: nn.Module, kwargs: dict[str, Any]) -> tuple[str, ...]:

@@ -30,7 +30,7 @@ from onnxscript import opset18 as op
 
 from aurora_fx.ops.aurora_delta import first_centre
 
-__all__ = ["aurora_delta_add_onnx", "lora_delta_add_onnx", "spline_layout"]
+__all__ = ["aurora_delta_add_onnx", "lora_delta_add_onnx", "aurora_linear_onnx", "lora_linear_onnx", "spline_layout"]
 
 
 def _float_dtype(*values):
@@ -80,7 +80,7 @@ def _spline_weights(Ws, rank: int, grid_step: float, dtype):
                      axis=0)
 
 
-def aurora_delta_add_onnx(base, x, A, B, H, Ws, scale: float, grid_lo: float, grid_step: float):
+def aurora_delta_add_onnx(base, x, A, B, H, Ws, scale: float, grid_lo: float, grid_step: float, base_dtype=None):
     """``(base + scale·B·σ(A·x), A·x)`` in standard ONNX ops (see the module docstring)."""
     dtype = _float_dtype(Ws, A, x)
     rank, num_bases = _static_dims(Ws)
@@ -92,7 +92,7 @@ def aurora_delta_add_onnx(base, x, A, B, H, Ws, scale: float, grid_lo: float, gr
     cubes = op.Pow(op.Relu(op.Sub(_const(radii, dtype), distance)), _const(3.0, dtype))
     sigma = op.Add(fixed, op.MatMul(cubes, _spline_weights(Ws, rank, grid_step, dtype)))  # (..., r)
     up = op.Mul(op.Transpose(B, perm=[1, 0]), _const(scale, dtype))  # scale folded into the tiny factor
-    return op.Add(base, _cast(op.MatMul(sigma, up), dtype, getattr(base, "dtype", None))), z
+    return op.Add(base, _cast(op.MatMul(sigma, up), dtype, base_dtype or getattr(base, "dtype", None))), z
 
 
 def _cast(value, have, want):
@@ -100,7 +100,7 @@ def _cast(value, have, want):
     return value if have is None or want is None or have == want else op.Cast(value, to=want)
 
 
-def lora_delta_add_onnx(base, x, A, B, scale: float):
+def lora_delta_add_onnx(base, x, A, B, scale: float, base_dtype=None):
     """``(base + scale·B·A·x, A·x)`` in two MatMuls (the scale folded into Bᵀ, folded at load).
 
     ATen schema: ``aurora_fx::lora_delta_add(Tensor base, Tensor x, Tensor A, Tensor B, float scale)
@@ -110,4 +110,29 @@ def lora_delta_add_onnx(base, x, A, B, scale: float):
     x = _cast(x, getattr(x, "dtype", None), dtype)
     t = op.MatMul(x, op.Transpose(A, perm=[1, 0]))
     up = op.Mul(op.Transpose(B, perm=[1, 0]), _const(scale, dtype))
-    return op.Add(base, _cast(op.MatMul(t, up), dtype, getattr(base, "dtype", None))), t
+    return op.Add(base, _cast(op.MatMul(t, up), dtype, base_dtype or getattr(base, "dtype", None))), t
+
+
+def _base_linear(x, weight, bias):
+    """``x·Wᵀ (+ b)``: the base linear the ``*_linear`` ops compute themselves."""
+    base = op.MatMul(x, op.Transpose(weight, perm=[1, 0]))
+    return base if bias is None else op.Add(base, bias)
+
+
+def aurora_linear_onnx(x, weight, bias, A, B, H, Ws, scale: float, grid_lo: float, grid_step: float):
+    """``(x·Wᵀ + b + scale·B·σ(A·x), A·x)``.
+
+    ATen schema: ``aurora_fx::aurora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor A, Tensor B,
+    Tensor H, Tensor Ws, float scale, float grid_lo, float grid_step) -> (Tensor, Tensor)``.
+    """
+    return aurora_delta_add_onnx(_base_linear(x, weight, bias), x, A, B, H, Ws, scale, grid_lo, grid_step,
+                                 base_dtype=getattr(weight, "dtype", None))
+
+
+def lora_linear_onnx(x, weight, bias, A, B, scale: float):
+    """``(x·Wᵀ + b + scale·B·A·x, A·x)``.
+
+    ATen schema: ``aurora_fx::lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor A, Tensor B,
+    float scale) -> (Tensor, Tensor)``.
+    """
+    return lora_delta_add_onnx(_base_linear(x, weight, bias), x, A, B, scale, base_dtype=getattr(weight, "dtype", None))

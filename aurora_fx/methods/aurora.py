@@ -9,7 +9,7 @@ from aurora_fx import functional as AF
 from aurora_fx.config import AuroraConfig
 from aurora_fx.methods.base import AdapterBase, Fusion, LoraFactors, kaiming_uniform_
 from aurora_fx.ops.aurora_delta import ORDER
-from aurora_fx.ops.fused import aurora_delta
+from aurora_fx.ops.fused import aurora_delta, aurora_linear
 from aurora_fx.registry import register_adapter
 
 __all__ = ["AuroraAdapter"]
@@ -68,7 +68,8 @@ class AuroraAdapter(AdapterBase):
         if self.order != ORDER:
             return f"spline_order {self.order}: the fused kernel implements cubic splines only"
         lo, _ = self.config.grid_range
-        return Fusion(aurora_delta, ("A", "B", "H", "Ws"), (self.scale, lo, self.config.grid_step))
+        return Fusion(aurora_delta, ("A", "B", "H", "Ws"), (self.scale, lo, self.config.grid_step),
+                      linear_op=aurora_linear)
 
     def oracle_delta(self, x: Tensor) -> Tensor:
         """``s·B·σ(A·x)`` from the oracle, with knots rebuilt from the config."""

@@ -41,14 +41,17 @@ __all__ = ["AdapterBase", "Fusion", "LoraFactors", "kaiming_uniform_"]
 class Fusion:
     """How an adapter's inlined subgraph plus its ``add`` becomes one op call.
 
-    The fuse pass emits ``op(base, x, *[adapter.<p> for p in params], *constants)[0]``, where
-    ``x`` is the input of the linear on ``input_param`` (after dropout, if any).
+    The fuse pass emits ``op(base, x, *[adapter.<p> for p in params], *constants)``, where ``x`` is
+    the input of the linear on ``input_param`` (after dropout, if any). Where the base node is a plain
+    ``linear(x, W, b)`` on the adapter's own input (no dropout), it emits
+    ``linear_op(x, W, b, *params, *constants)`` instead, which computes the base linear too.
     """
 
     op: Any
     params: tuple[str, ...]
     constants: tuple[float, ...] = ()
     input_param: str = "A"
+    linear_op: Any = None
 
 
 @dataclass(frozen=True)

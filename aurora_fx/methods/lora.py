@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from aurora_fx import functional as AF
 from aurora_fx.config import LoraConfig
 from aurora_fx.methods.base import AdapterBase, Fusion, LoraFactors, kaiming_uniform_
-from aurora_fx.ops.fused import lora_delta
+from aurora_fx.ops.fused import lora_delta, lora_linear
 from aurora_fx.registry import register_adapter
 
 __all__ = ["LoraAdapter"]
@@ -39,7 +39,7 @@ class LoraAdapter(AdapterBase):
 
     def fusion(self) -> Fusion:
         """``ops.lora_delta(base, x, A, B, s)``."""
-        return Fusion(lora_delta, ("A", "B"), (self.scale,))
+        return Fusion(lora_delta, ("A", "B"), (self.scale,), linear_op=lora_linear)
 
     def oracle_delta(self, x: Tensor) -> Tensor:
         """``s·B·A·x`` from the oracle."""

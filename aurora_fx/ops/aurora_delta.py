@@ -34,7 +34,7 @@ from torch import Tensor
 
 from aurora_fx.functional import spline_dtype
 
-__all__ = ["aurora_delta_add", "spline_basis", "first_centre"]
+__all__ = ["aurora_delta_add", "spline_basis", "first_centre", "adapter_grads", "AdapterGrads", "register_autocast"]
 
 ORDER = 3  # the only spline order the fused kernel implements
 
@@ -124,34 +124,47 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.hyper = (scale, grid_lo, grid_step)
 
 
-def _backward(ctx, grad_out: Tensor, grad_z: Tensor | None):
-    x, A, B, H, Ws, z = ctx.saved_tensors
-    scale, grid_lo, grid_step = ctx.hyper
-    d_in, d_out, r = x.shape[-1], B.shape[0], A.shape[0]
-    need = ctx.needs_input_grad
-    x2, z2, g = x.reshape(-1, d_in).to(A.dtype), z.reshape(-1, r), grad_out.reshape(-1, d_out).to(A.dtype)
+class AdapterGrads(NamedTuple):
+    """Gradients of the adapter's own tensors, and of its code z (``(N, r)``), from ``∂L/∂out``."""
+
+    g_z: Tensor
+    grad_B: Tensor | None  # noqa: N815 - the math names
+    grad_H: Tensor | None  # noqa: N815
+    grad_Ws: Tensor | None  # noqa: N815
+
+
+def adapter_grads(g: Tensor, z2: Tensor, B: Tensor, H: Tensor, Ws: Tensor, scale: float, grid_lo: float,
+                  grid_step: float, need: tuple[bool, bool, bool]) -> AdapterGrads:
+    """Backward through ``s·B·σ(z)`` for ``g`` (N, d_out); ``need`` asks for (grad_B, grad_H, grad_Ws)."""
     # Recompute the cheap N×r pieces of the forward.
     sigma, a, f, summed, slope = _anl(z2, H, Ws, grid_lo, grid_step, derivative=True)
     ws = Ws.to(summed.dtype)
     # Skinny GEMMs are fast on CPU only in the "(N,d)·(d,r) with a transposed (r,d) operand" and
     # "(r,N)·(N,d)" layouts (up to 8x faster than the naive forms), so the operands are arranged so.
     g_sigma = (g @ B.t().contiguous().t()).to(z2.dtype) * scale  # (N, r)
-    grad_B = (sigma.to(g.dtype).t() @ g).t() * scale if need[3] else None  # (d_out, r)
+    grad_B = (sigma.to(g.dtype).t() @ g).t() * scale if need[0] else None  # (d_out, r)
     # Fixed branch: f = tanh(tanh(z)·Hᵀ).
     g_pre = g_sigma * (1 - f * f)
-    grad_H = g_pre.t() @ a if need[4] else None
+    grad_H = g_pre.t() @ a if need[1] else None
     g_z = (g_pre @ H) * (1 - a * a)
     # Spline branch: l = S(z)·Wsᵀ with S(z) = Σ_i basis(z_i).
     gs = g_sigma.to(summed.dtype)
-    g_summed = gs @ ws  # (N, G+K)
-    g_z = g_z + (slope * g_summed.unsqueeze(-2)).sum(-1).to(z2.dtype)
-    grad_Ws = (gs.t() @ summed).to(Ws.dtype) if need[5] else None
-    if grad_z is not None:
-        g_z = g_z + grad_z.reshape(-1, r)
+    g_z = g_z + (slope * (gs @ ws).unsqueeze(-2)).sum(-1).to(z2.dtype)
+    grad_Ws = (gs.t() @ summed).to(Ws.dtype) if need[2] else None
+    return AdapterGrads(g_z, grad_B, grad_H, grad_Ws)
+
+
+def _backward(ctx, grad_out: Tensor, grad_z: Tensor | None):
+    x, A, B, H, Ws, z = ctx.saved_tensors
+    d_in, d_out, r = x.shape[-1], B.shape[0], A.shape[0]
+    need = ctx.needs_input_grad
+    x2, z2, g = x.reshape(-1, d_in).to(A.dtype), z.reshape(-1, r), grad_out.reshape(-1, d_out).to(A.dtype)
+    grads = adapter_grads(g, z2, B, H, Ws, *ctx.hyper, need[3:6])
+    g_z = grads.g_z if grad_z is None else grads.g_z + grad_z.reshape(-1, r)
     grad_x = (g_z @ A).reshape(x.shape).to(x.dtype) if need[1] else None
     grad_A = g_z.t() @ x2 if need[2] else None
     grad_base = grad_out if need[0] else None
-    return grad_base, grad_x, grad_A, grad_B, grad_H, grad_Ws, None, None, None
+    return grad_base, grad_x, grad_A, grads.grad_B, grads.grad_H, grads.grad_Ws, None, None, None
 
 
 aurora_delta_add.register_autograd(_backward, setup_context=_setup_context)
@@ -159,25 +172,31 @@ aurora_delta_add.register_autograd(_backward, setup_context=_setup_context)
 _LIB = torch.library.Library("aurora_fx", "IMPL")  # keeps the autocast registrations alive
 
 
-def _register_autocast(device_type: str) -> None:
-    """Register the op's autocast rule for ``device_type``.
+def register_autocast(op, name: str) -> None:
+    """Give the aurora_fx op ``name`` an autocast rule on every device that has autocast.
 
     Under autocast, every floating input is cast to the autocast dtype of the moment (bf16 or fp16),
-    as autocast does for the unfused graph's linears; the spline inside still runs in float32.
+    as autocast does for the unfused graph's linears, then the op runs with autocast off; the
+    spline inside still runs in float32. (``torch.library.register_autocast`` fixes one dtype.)
     """
-    key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+    for device_type in ("cpu", "cuda"):
+        if not torch.amp.is_autocast_available(device_type):
+            continue
+        key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+        _LIB.impl(name, _autocast_kernel(op, device_type, key), key, with_keyset=True)
+
+
+def _autocast_kernel(op, device_type: str, key: str):
     excluded = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
 
-    def kernel(_keyset, base, x, A, B, H, Ws, scale, grid_lo, grid_step):
+    def kernel(_keyset, *args):
         dtype = torch.get_autocast_dtype(device_type)
-        tensors = (base, x, A, B, H, Ws)
-        cast = [t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t for t in tensors]
+        cast = [a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() and a.dtype != torch.float64 else a
+                for a in args]
         with torch._C._ExcludeDispatchKeyGuard(excluded):
-            return aurora_delta_add(*cast, scale, grid_lo, grid_step)
+            return op(*cast)
 
-    _LIB.impl("aurora_delta_add", kernel, key, with_keyset=True)
+    return kernel
 
 
-for _device in ("cpu", "cuda"):
-    if torch.amp.is_autocast_available(_device):
-        _register_autocast(_device)
+register_autocast(aurora_delta_add, "aurora_delta_add")

@@ -1,7 +1,8 @@
 """What a fused adapter node in an owner graph calls: one function per method, picking the kernel.
 
 ``aurora_delta(base, x, A, B, H, Ws, s, lo, h)`` and ``lora_delta(base, x, A, B, s)`` return
-``base + Δ(x)`` and choose, at each call:
+``base + Δ(x)``; ``aurora_linear(x, W, b, A, B, H, Ws, s, lo, h)`` and ``lora_linear(x, W, b, A, B, s)``
+also compute the base linear (sites without adapter dropout). They choose, at each call:
 
 * the Triton ``triton_op`` s on CUDA tensors when Triton is installed (eager runs the kernels;
   ``torch.compile`` traces into them);
@@ -18,9 +19,10 @@ import torch
 from torch import Tensor
 
 import aurora_fx.ops.aurora_delta  # noqa: F401  (registers aurora_fx::aurora_delta_add)
+import aurora_fx.ops.linear_fused as LF  # (registers aurora_fx::aurora_linear and lora_linear)
 import aurora_fx.ops.lora_delta  # noqa: F401  (registers aurora_fx::lora_delta_add and the in-place ops)
 
-__all__ = ["aurora_delta", "lora_delta", "triton_available"]
+__all__ = ["aurora_delta", "lora_delta", "aurora_linear", "lora_linear", "triton_available"]
 
 _OPS = torch.ops.aurora_fx
 
@@ -41,8 +43,7 @@ def _use_triton(x: Tensor) -> bool:
 
 def _inplace(base: Tensor) -> bool:
     """No-grad eager inference on a contiguous base output: accumulate into it."""
-    tracing = torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
-    return not torch.is_grad_enabled() and not tracing and base.is_contiguous()
+    return not torch.is_grad_enabled() and not _tracing() and base.is_contiguous()
 
 
 def aurora_delta(base: Tensor, x: Tensor, A: Tensor, B: Tensor, H: Tensor, Ws: Tensor, scale: float,
@@ -73,3 +74,43 @@ def lora_delta(base: Tensor, x: Tensor, A: Tensor, B: Tensor, scale: float) -> T
         return base
     return _OPS.lora_delta_add(base, x, A, B, scale)[0]
 
+
+
+def _tracing() -> bool:
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
+
+
+def _eager(kernel, function, op, args: tuple) -> Tensor:
+    """Run a fused linear op: the custom op under compile/export, else the kernel directly.
+
+    Eager calls skip the custom op's dispatch layers: the kernel itself under no-grad, else the
+    autograd Function; autocast is applied here, as the op's autocast rule would.
+    """
+    if _tracing():
+        return op(*args)[0]
+    device = args[0].device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        args = tuple(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() and a.dtype != torch.float64
+                     else a for a in args)
+        with torch.autocast(device, enabled=False):
+            return _eager(kernel, function, op, args)
+    if not torch.is_grad_enabled():
+        return kernel(*args)[0]
+    return function.apply(*args)[0]
+
+
+def aurora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, H: Tensor, Ws: Tensor,
+                  scale: float, grid_lo: float, grid_step: float) -> Tensor:
+    """``x·Wᵀ + b + s·B·σ(A·x)`` in one op on the CPU (the base linear is cuBLAS's on CUDA)."""
+    if _use_triton(x):
+        return aurora_delta(torch.nn.functional.linear(x, weight, bias), x, A, B, H, Ws, scale, grid_lo, grid_step)
+    args = (x, weight, bias, A, B, H, Ws, scale, grid_lo, grid_step)
+    return _eager(LF.aurora_linear_kernel, LF.AuroraLinear, _OPS.aurora_linear, args)
+
+
+def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float) -> Tensor:
+    """``x·Wᵀ + b + s·B·A·x`` in one op on the CPU."""
+    if _use_triton(x):
+        return lora_delta(torch.nn.functional.linear(x, weight, bias), x, A, B, scale)
+    return _eager(LF.lora_linear_kernel, LF.LoraLinear, _OPS.lora_linear, (x, weight, bias, A, B, scale))

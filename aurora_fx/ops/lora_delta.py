@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from aurora_fx.ops.aurora_delta import _anl
+from aurora_fx.ops.aurora_delta import _anl, register_autocast
 
 __all__ = ["lora_delta_add", "aurora_delta_add_inplace", "lora_delta_add_inplace"]
 
@@ -70,6 +70,7 @@ def _backward(ctx, grad_out: Tensor, grad_t: Tensor | None):
 
 
 lora_delta_add.register_autograd(_backward, setup_context=_setup)
+register_autocast(lora_delta_add, "lora_delta_add")
 
 
 @torch.library.custom_op("aurora_fx::lora_delta_add_inplace", mutates_args={"base"})

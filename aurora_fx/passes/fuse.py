@@ -28,6 +28,7 @@ from collections.abc import Iterable
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 
 import aurora_fx.ops  # noqa: F401  (registers torch.ops.aurora_fx)
 from aurora_fx.methods.base import Fusion
@@ -61,23 +62,48 @@ def _adapter_input(nodes: list[fx.Node], attr: str, param: str) -> fx.Node:
     raise AssertionError(f"no {param} projection found for adapter {attr}")
 
 
+def _plain_linear(base: fx.Node, x: fx.Node) -> tuple | None:
+    """``(input, weight, bias)`` of a base ``linear(input, W, b)`` the op can take over, else None.
+
+    That needs get_attr W (and b), and the adapter's input ``x`` being that input up to a dtype cast
+    (no dropout between them).
+    """
+    if not (base.op == "call_function" and base.target in (F.linear, torch._C._nn.linear)) or base.kwargs:
+        return None
+    args = list(base.args) + [None] * (3 - len(base.args))
+    inp, weight, bias = args[:3]
+    if not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
+        return None
+    if bias is not None and not (isinstance(bias, fx.Node) and bias.op == "get_attr"):
+        return None
+    same = x is inp or (x.op == "call_method" and x.target == "to" and x.args[0] is inp)
+    return (inp, weight, bias) if same else None
+
+
 def _fuse_one(gm: fx.GraphModule, total: fx.Node, attr: str, fusion: Fusion) -> None:
     graph = gm.graph
     tagged = [n for n in graph.nodes if n.meta.get(ADAPTER_TAG) == attr and n is not total]
     x = _adapter_input(tagged, attr, fusion.input_param)
     base = total.args[0]
+    linear = _plain_linear(base, x) if fusion.linear_op is not None else None
     with graph.inserting_before(total):
         params = [graph.get_attr(f"{attr}.{name}") for name in fusion.params]
-        out = graph.call_function(fusion.op, (base, x, *params, *fusion.constants))
+        if linear is not None:  # the base linear joins the op: one output, ∂L/∂x accumulated in place
+            out = graph.call_function(fusion.linear_op, (*linear, *params, *fusion.constants))
+        else:
+            out = graph.call_function(fusion.op, (base, x, *params, *fusion.constants))
     for node in params:
         tag(node, attr, Role.FUSED)
     tag(out, attr, Role.SUM)
-    out.meta["aurora_fx_fused"] = True
     total.replace_all_uses_with(out)
     graph.erase_node(total)
-    for node in reversed(tagged):
-        if node is not x and not node.users:
-            graph.erase_node(node)
+    # the inlined adapter's dead nodes (and, when the op took it over, the base linear): erased
+    # from the last to the first, twice over, since erasing a user can free its inputs
+    dead = [*tagged, base] if linear is not None else [n for n in tagged if n is not x]
+    for _ in range(2):
+        for node in reversed(dead):
+            if node.graph is graph and not node.users and node in graph.nodes:
+                graph.erase_node(node)
 
 
 def fuse_adapters(gm: fx.GraphModule, attrs: Iterable[str] | None = None) -> PassResult:

@@ -68,8 +68,20 @@ def _weight_source(node: object) -> tuple[str, bool] | None:
     return (inner.target, True) if is_t else None
 
 
+def _fused_linear_targets() -> set:
+    from aurora_fx.ops.fused import aurora_linear, lora_linear
+
+    return {aurora_linear, lora_linear}
+
+
 def _as_linear_call(node: fx.Node) -> LinearCall | None:
-    """Recognise ``F.linear(x, W)``, ``addmm(b, x, W)`` and ``x @ W`` (W possibly transposed)."""
+    """Recognise ``F.linear(x, W)``, ``addmm(b, x, W)`` and ``x @ W`` (W possibly transposed).
+
+    The fused ops that took a base linear over (``aurora_linear(x, W, b, ...)``) count as its linear.
+    """
+    if node.op == "call_function" and node.target in _fused_linear_targets():
+        weight = node.args[1]
+        return LinearCall(node=node, x=node.args[0], attr=weight.target, layout="out_in", op="linear")
     if node.meta.get(ADAPTER_TAG) is not None:
         return None
     args = list(node.args)

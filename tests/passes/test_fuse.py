@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import operator
-
 import torch
 from torch import nn
 
 import aurora_fx
 from aurora_fx.config import AuroraConfig
-from aurora_fx.ops.fused import aurora_delta, lora_delta
+from aurora_fx.ops.fused import aurora_delta, aurora_linear, lora_linear
 from aurora_fx.passes.fuse import can_fuse, fuse_adapters
 from tests.conftest import assert_close
 from tests.models import randomize_adapters
@@ -30,17 +28,39 @@ def test_fuse_replaces_the_subgraph_by_one_op_and_keeps_numerics():
     assert result.modified
     gm = result.graph_module
     gm.graph.lint()
-    assert _ops(gm).count(aurora_delta) == 1 and operator.add not in _ops(gm)
+    assert _ops(gm) == [aurora_linear]  # the base linear and the adapter in one op (no dropout)
     assert len(gm.graph.nodes) < n_before
     assert_close(gm(x), before)
 
 
-def test_dropout_stays_in_front_of_the_fused_op():
+def test_with_dropout_the_base_linear_stays_and_dropout_feeds_the_fused_op():
     model = nn.Sequential(nn.Linear(6, 5))
     aurora_fx.apply(model, "0", dropout=0.2)
     gm = model[0]
     fused = next(n for n in gm.graph.nodes if n.target is aurora_delta)
     assert fused.args[1].op == "call_module" and fused.args[1].target == "adapter.dropout"
+    assert fused.args[0].target is torch._C._nn.linear  # the base sees the undropped input
+
+
+def test_the_fused_linear_gives_the_unfused_gradients_for_every_input():
+    for method in ("aurora", "lora"):
+        torch.manual_seed(0)
+        fused = aurora_fx.apply(nn.Sequential(nn.Linear(6, 5)), "0", method=method, rank=2)
+        randomize_adapters(fused)
+        fused[0].weight.requires_grad_(True)  # the base weight and bias too, when they train
+        fused[0].bias.requires_grad_(True)
+        plain = aurora_fx.apply(nn.Sequential(nn.Linear(6, 5)), "0", method=method, rank=2, fuse=False)
+        plain.load_state_dict(fused.state_dict())
+        plain[0].weight.requires_grad_(True)
+        plain[0].bias.requires_grad_(True)
+        x = torch.randn(4, 3, 6, requires_grad=True)
+        xs = x.detach().clone().requires_grad_()
+        g = torch.randn(4, 3, 5)
+        fused(x).backward(g)
+        plain(xs).backward(g)
+        assert_close(x.grad, xs.grad)
+        for (name, p), q in zip(fused.named_parameters(), plain.parameters(), strict=True):
+            assert_close(p.grad, q.grad, atol=1e-5), name
 
 
 def test_lora_fuses_and_keeps_numerics():
@@ -50,7 +70,7 @@ def test_lora_fuses_and_keeps_numerics():
     x = torch.randn(3, 6)
     before = model(x)
     gm = fuse_adapters(model[0]).graph_module
-    assert _ops(gm).count(lora_delta) == 1 and operator.add not in _ops(gm)
+    assert _ops(gm) == [lora_linear]
     assert_close(gm(x), before)
 
 
