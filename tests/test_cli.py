@@ -99,7 +99,7 @@ def test_inspect_renders_the_model_map_and_one_site(trained, capsys):
     assert main(["inspect", str(trained / "adapters.safetensors"), "--site", site,
                  "--render", str(trained / "site.png")]) == 0
     assert (trained / "site.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "aurora_delta(" in capsys.readouterr().out  # the site's rewritten graph code
+    assert "aurora_linear(" in capsys.readouterr().out  # the site's rewritten graph code
 
 
 @pytest.mark.parametrize("mode", ["static", "fit"])

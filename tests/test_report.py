@@ -28,7 +28,7 @@ def test_table_lists_sites_and_totals():
 def test_code_of_a_site_is_its_rewritten_forward():
     _, report = _report()
     code = report.code("roberta.encoder.layer.0.attention.self.query")
-    assert "aurora_fx_ops_fused_aurora_delta(linear" in code
+    assert "aurora_fx_ops_fused_aurora_linear(input_1, weight, bias, adapter_a_1" in code  # the fused op owns the GEMM
     with pytest.raises(KeyError, match="no adapted site 'nope'"):
         report.code("nope")
 

@@ -75,7 +75,7 @@ def test_rank_larger_than_the_site_is_refused():
 def test_applying_twice_to_a_site_is_refused():
     model = FunctionalNet()
     aurora_fx.apply(model, "head")
-    with pytest.raises(ValueError, match="head: already has an adapter \(aurora\); call aurora_fx.unload"):
+    with pytest.raises(ValueError, match=r"head: already has an adapter \(aurora\); call aurora_fx.unload"):
         aurora_fx.apply(model, "head")
 
 
