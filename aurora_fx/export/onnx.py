@@ -145,8 +145,31 @@ def _check_inputs(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
         ) from None
 
 
+def _tiled(value: Any, axis: int) -> Any:
+    if torch.is_tensor(value) and axis in _dynamic_dims(value) and value.shape[axis] == 1:
+        return torch.cat([value, value], dim=axis)
+    return value
+
+
+def _traceable(args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    """Examples for tracing with dynamic axes: a size-1 dynamic axis is tiled to 2.
+
+    ``torch.export`` specializes an axis whose example size is 1 to the constant 1, so a batch-1
+    example would give a graph that only takes batch 1. Tiling every input's axis the same way
+    keeps the shapes consistent; the user's own example is still the one verified.
+    """
+    for axis in (0, 1):
+        tensors = [t for t in (*args, *kwargs.values()) if torch.is_tensor(t) and axis in _dynamic_dims(t)]
+        if tensors and all(t.shape[axis] == 1 for t in tensors):
+            args = tuple(_tiled(a, axis) for a in args)
+            kwargs = {k: _tiled(v, axis) for k, v in kwargs.items()}
+    return args, kwargs
+
+
 def _export(model: nn.Module, args: tuple, kwargs: dict[str, Any], dynamic: bool, names: list[str]):
     dynamic_shapes = _dynamic_spec(args, kwargs)[0] if dynamic else None
+    if dynamic:
+        args, kwargs = _traceable(args, kwargs)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         return torch.onnx.export(model, args, kwargs=kwargs or None, dynamo=True, external_data=False,
