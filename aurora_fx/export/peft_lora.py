@@ -223,7 +223,7 @@ def _factors(model, adapters, mode, calibration, rank, bias):
         if calibration is None:
             raise ValueError("mode='fit' needs calibration=[batch, ...] (model inputs: dicts, tuples or tensors)")
         stats = _collect(model, adapters, calibration)
-        return {b.site: _fit_site(a, *stats[b.site], rank or 2 * a.rank, bias) for _, a, b in adapters}
+        return {b.site: _fit_site(a, *stats[b.site], rank or a.rank, bias) for _, a, b in adapters}
     lossy = mode == "static"
     return {b.site: (a.lora_factors(lossy=lossy), None, "static" if lossy and not a.lora_exact else "exact", {})
             for _, a, b in adapters}
@@ -240,7 +240,9 @@ def to_peft(model: nn.Module, folder: str | os.PathLike, mode: str | None = None
             ``"fit"``; AuroRA needs one of the last two.
         calibration: Model inputs for ``"fit"``: a list of batches or a DataLoader of dicts
             (keyword inputs), tuples (positional) or tensors.
-        rank: LoRA rank k of fitted sites (default 2·r̃, i.e. 4 for AuroRA's default).
+        rank: LoRA rank k of fitted sites (default the adapter's rank, r̃ for AuroRA: its update
+            ``s·B·σ(A·x)`` lies in the span of B's r̃ columns, so no linear map of higher rank fits
+            it better; ``benchmarks/bench_serve_as_lora.py`` measures k = 2, 4, 8 alike).
         bias: ``"fit"`` only: also fit a bias, written as PEFT's ``lora_bias``.
 
     Returns:

@@ -111,6 +111,20 @@ def test_aurora_fit_is_never_worse_than_static_on_the_calibration_inputs(bias, t
     assert loaded is not None
 
 
+def test_aurora_fit_defaults_to_rank_r_because_a_higher_rank_fits_no_better(tmp_path):
+    """AuroRA's update lies in the span of B's r̃ columns: k = r̃ is the best linear fit of any rank."""
+    case, base, model = _adapted("bert", "aurora")
+    torch.manual_seed(1)
+    calibration = [case.inputs(4, 12) for _ in range(8)]
+    default = to_peft(model, tmp_path / "default", mode="fit", calibration=calibration)
+    wider = to_peft(model, tmp_path / "wider", mode="fit", calibration=calibration, rank=8)
+    narrower = to_peft(model, tmp_path / "narrower", mode="fit", calibration=calibration, rank=1)
+    assert {s.rank for s in default.sites} == {2}
+    for d, w, n in zip(default.sites, wider.sites, narrower.sites, strict=True):
+        assert d.calibration_error == pytest.approx(w.calibration_error, rel=1e-6, abs=1e-9)
+        assert n.calibration_error > d.calibration_error + 1e-6  # rank 1 is not enough: the test can fail
+
+
 def test_trainable_modules_land_in_modules_to_save(tmp_path):
     case, base, model = _adapted("roberta_cls", "lora", trainable_modules="classifier")
     with torch.no_grad():
