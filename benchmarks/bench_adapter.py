@@ -84,7 +84,8 @@ def _linears(d: int):
     torch.manual_seed(0)
     bare = torch.nn.Sequential(torch.nn.Linear(d, d)).requires_grad_(False)
     out = {"bare linear": bare,
-           "AuroRA r̃=2 (fused)": aurora_fx.apply(copy.deepcopy(bare), "^0$"),
+           "AuroRA r̃=2 (fused)": aurora_fx.apply(copy.deepcopy(bare), "^0$", dropout=0.0),  # like the LoRA rows
+           "AuroRA r̃=2, dropout 0.05 (default)": aurora_fx.apply(copy.deepcopy(bare), "^0$"),
            "our LoRA r=8 (fused)": aurora_fx.apply(copy.deepcopy(bare), "^0$", method="lora", rank=8),
            "PEFT LoRA r=8": get_peft_model(copy.deepcopy(bare), LoraConfig(r=8, lora_alpha=16, target_modules=["0"]))}
     with torch.no_grad():
@@ -113,8 +114,13 @@ def single_linear(repeats: int, n: int = 4096, d: int = 768) -> dict:
 
 
 def _no_grad(model, x):
-    with torch.no_grad():
-        return model(x)
+    """Inference: eval mode (adapter dropout off), no grad."""
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model(x)
+    finally:
+        model.train()
 
 
 # -- 2./3. MiniLM ---------------------------------------------------------------------------------

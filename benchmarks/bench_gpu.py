@@ -61,7 +61,7 @@ def variants(d_in: int, d_out: int) -> dict[str, torch.nn.Module]:
     bare = torch.nn.Sequential(torch.nn.Linear(d_in, d_out, bias=False)).cuda().to(torch.bfloat16)
     bare.requires_grad_(False)
     out = {"bare": bare}
-    out["aurora_fused"] = aurora_fx.apply(copy.deepcopy(bare), "^0$", dtype=torch.bfloat16)
+    out["aurora_fused"] = aurora_fx.apply(copy.deepcopy(bare), "^0$", dtype=torch.bfloat16, dropout=0.0)
     out["aurora_composite"] = copy.deepcopy(out["aurora_fused"])
     out["lora_r8"] = aurora_fx.apply(copy.deepcopy(bare), "^0$", method="lora", rank=8, dtype=torch.bfloat16)
     try:

@@ -43,8 +43,9 @@ class Fusion:
 
     The fuse pass emits ``op(base, x, *[adapter.<p> for p in params], *constants)``, where ``x`` is
     the input of the linear on ``input_param`` (after dropout, if any). Where the base node is a plain
-    ``linear(x, W, b)`` on the adapter's own input (no dropout), it emits
-    ``linear_op(x, W, b, *params, *constants)`` instead, which computes the base linear too.
+    ``linear(x, W, b)`` on the adapter's own input (up to its dropout), it emits
+    ``linear_op(x, W, b, *params, *constants[, dropout=adapter.dropout])`` instead, which computes the
+    base linear too (and applies the dropout to the adapter's input while it is active).
     """
 
     op: Any

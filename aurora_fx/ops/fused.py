@@ -2,7 +2,8 @@
 
 ``aurora_delta(base, x, A, B, H, Ws, s, lo, h)`` and ``lora_delta(base, x, A, B, s)`` return
 ``base + Δ(x)``; ``aurora_linear(x, W, b, A, B, H, Ws, s, lo, h)`` and ``lora_linear(x, W, b, A, B, s)``
-also compute the base linear (sites without adapter dropout). They choose, at each call:
+also compute the base linear (with adapter dropout: fused while the dropout is inactive, i.e. in
+eval; in training the base linear and the delta op on the dropped input). They choose, at each call:
 
 * the Triton ``triton_op`` s on CUDA tensors when Triton is installed (eager runs the kernels;
   ``torch.compile`` traces into them);
@@ -16,7 +17,7 @@ from __future__ import annotations
 import functools
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 import aurora_fx.ops.aurora_delta  # noqa: F401  (registers aurora_fx::aurora_delta_add)
 import aurora_fx.ops.linear_fused as LF  # (registers aurora_fx::aurora_linear and lora_linear)
@@ -100,17 +101,32 @@ def _eager(kernel, function, op, args: tuple) -> Tensor:
     return function.apply(*args)[0]
 
 
+def _active(dropout: nn.Module | None) -> bool:
+    return dropout is not None and dropout.training and dropout.p > 0
+
+
 def aurora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, H: Tensor, Ws: Tensor,
-                  scale: float, grid_lo: float, grid_step: float) -> Tensor:
-    """``x·Wᵀ + b + s·B·σ(A·x)`` in one op on the CPU (the base linear is cuBLAS's on CUDA)."""
+                  scale: float, grid_lo: float, grid_step: float, dropout: nn.Module | None = None) -> Tensor:
+    """``x·Wᵀ + b + s·B·σ(A·drop(x))`` in one op on the CPU (the base linear is cuBLAS's on CUDA).
+
+    While ``dropout`` (the adapter's own) is active, the base linear and the adapter on the dropped
+    input run as ``linear`` plus ``aurora_delta``; in eval it is the identity and the op is fused.
+    """
+    if _active(dropout):
+        xa = dropout(x.to(A.dtype))
+        return aurora_delta(torch.nn.functional.linear(x, weight, bias), xa, A, B, H, Ws, scale, grid_lo, grid_step)
     if _use_triton(x):
         return aurora_delta(torch.nn.functional.linear(x, weight, bias), x, A, B, H, Ws, scale, grid_lo, grid_step)
     args = (x, weight, bias, A, B, H, Ws, scale, grid_lo, grid_step)
     return _eager(LF.aurora_linear_kernel, LF.AuroraLinear, _OPS.aurora_linear, args)
 
 
-def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float) -> Tensor:
-    """``x·Wᵀ + b + s·B·A·x`` in one op on the CPU."""
+def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float,
+                dropout: nn.Module | None = None) -> Tensor:
+    """``x·Wᵀ + b + s·B·A·drop(x)`` in one op on the CPU (``dropout`` as in ``aurora_linear``)."""
+    if _active(dropout):
+        xa = dropout(x.to(A.dtype))
+        return lora_delta(torch.nn.functional.linear(x, weight, bias), xa, A, B, scale)
     if _use_triton(x):
         return lora_delta(torch.nn.functional.linear(x, weight, bias), x, A, B, scale)
     return _eager(LF.lora_linear_kernel, LF.LoraLinear, _OPS.lora_linear, (x, weight, bias, A, B, scale))

@@ -11,8 +11,9 @@ return ``(x·Wᵀ + b + Δ(x), code)`` (``code`` = ``A·x``) for a ``(d_out, d_i
 base linear lets the op write the rank-r update (with the bias) first and let the base GEMM
 accumulate into it (beta 1), so the update costs no extra pass over the ``(N, d_out)`` output; in
 the backward the base's ``g·W`` GEMM likewise accumulates into the adapter's part of ``∂L/∂x``:
-autograd never adds two ``(N, d_in)`` gradients. The fuse pass uses these for sites without adapter
-dropout (with dropout the base and the adapter see different inputs: ``aurora_delta_add`` then).
+autograd never adds two ``(N, d_in)`` gradients. The fuse pass uses these for every plain-linear site;
+while a site's adapter dropout is active the base and the adapter see different inputs, and
+``aurora_fx.ops.fused`` runs the base linear plus ``aurora_delta_add`` instead.
 ``∂L/∂W`` and ``∂L/∂b`` are computed only when they require grad.
 """
 

@@ -9,7 +9,10 @@ Pattern → check → rewrite:
 * rewrite: ``add = base + Δ(x)`` → ``fusion.op(base, x, *params, *constants)``, e.g.
   ``aurora_fx.ops.aurora_delta(base, x, A, B, H, Ws, s, lo, h)`` (which picks the CPU op, the
   in-place no-grad variant or Triton at each call). The adapter's dropout node, if any, stays and
-  feeds the op.
+  feeds the op. Where ``base`` is a plain ``linear(x, W, b)`` on the adapter's input, the op takes
+  the base linear over: ``fusion.linear_op(x, W, b, *params, *constants)``, with
+  ``dropout=self.<attr>.dropout`` when the adapter has dropout (the op runs the base linear and the
+  adapter on the dropped input separately while that dropout is active, fused in eval).
 
 After (compare the unfused graph in ``insert_adapters``)::
 
@@ -62,11 +65,12 @@ def _adapter_input(nodes: list[fx.Node], attr: str, param: str) -> fx.Node:
     raise AssertionError(f"no {param} projection found for adapter {attr}")
 
 
-def _plain_linear(base: fx.Node, x: fx.Node) -> tuple | None:
-    """``(input, weight, bias)`` of a base ``linear(input, W, b)`` the op can take over, else None.
+def _plain_linear(base: fx.Node, x: fx.Node, attr: str) -> tuple | None:
+    """``(input, weight, bias, dropout)`` of a base ``linear(input, W, b)`` the op can take over, else None.
 
     That needs get_attr W (and b), and the adapter's input ``x`` being that input up to a dtype cast
-    (no dropout between them).
+    and the adapter's own dropout (``dropout``: the ``<attr>.dropout`` module path, or None). With
+    dropout the op computes the base linear itself only while the dropout is inactive (eval).
     """
     if not (base.op == "call_function" and base.target in (F.linear, torch._C._nn.linear)) or base.kwargs:
         return None
@@ -76,8 +80,11 @@ def _plain_linear(base: fx.Node, x: fx.Node) -> tuple | None:
         return None
     if bias is not None and not (isinstance(bias, fx.Node) and bias.op == "get_attr"):
         return None
+    dropout = None
+    if x.op == "call_module" and x.target == f"{attr}.dropout":
+        dropout, x = x.target, x.args[0]
     same = x is inp or (x.op == "call_method" and x.target == "to" and x.args[0] is inp)
-    return (inp, weight, bias) if same else None
+    return (inp, weight, bias, dropout) if same else None
 
 
 def _fuse_one(gm: fx.GraphModule, total: fx.Node, attr: str, fusion: Fusion) -> None:
@@ -85,15 +92,18 @@ def _fuse_one(gm: fx.GraphModule, total: fx.Node, attr: str, fusion: Fusion) -> 
     tagged = [n for n in graph.nodes if n.meta.get(ADAPTER_TAG) == attr and n is not total]
     x = _adapter_input(tagged, attr, fusion.input_param)
     base = total.args[0]
-    linear = _plain_linear(base, x) if fusion.linear_op is not None else None
+    linear = _plain_linear(base, x, attr) if fusion.linear_op is not None else None
     with graph.inserting_before(total):
         params = [graph.get_attr(f"{attr}.{name}") for name in fusion.params]
         if linear is not None:  # the base linear joins the op: one output, ∂L/∂x accumulated in place
-            out = graph.call_function(fusion.linear_op, (*linear, *params, *fusion.constants))
+            *operands, dropout = linear
+            kwargs = {"dropout": graph.get_attr(dropout)} if dropout is not None else {}
+            out = graph.call_function(fusion.linear_op, (*operands, *params, *fusion.constants), kwargs)
         else:
             out = graph.call_function(fusion.op, (base, x, *params, *fusion.constants))
-    for node in params:
-        tag(node, attr, Role.FUSED)
+    for node in out.all_input_nodes:
+        if node.op == "get_attr" and str(node.target).startswith(f"{attr}."):  # the adapter's operands
+            tag(node, attr, Role.FUSED)
     tag(out, attr, Role.SUM)
     total.replace_all_uses_with(out)
     graph.erase_node(total)

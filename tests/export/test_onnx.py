@@ -95,6 +95,7 @@ def test_feature_inputs_keep_their_width_and_nan_propagates(tmp_path):
     model = torch.nn.Sequential(torch.nn.Linear(4, 4))
     aurora_fx.apply(model, "0")
     randomize_adapters(model)
+    model.eval()  # the reference below: no dropout
     x = torch.randn(6, 4) * torch.tensor([0.1, 1.0, 10.0, 30.0])  # far outside the spline grid too
     result = to_onnx(model, tmp_path / "m.onnx", (x[:4],))
     assert max(result.max_abs_diff.values()) <= 1e-4
@@ -116,6 +117,7 @@ def test_closed_form_spline_matches_across_on_and_beyond_the_knots(grid_size, gr
     model = torch.nn.Sequential(torch.nn.Linear(2, 3))
     aurora_fx.apply(model, "0", config=AuroraConfig(grid_size=grid_size, grid_range=grid_range))
     randomize_adapters(model, std=0.5)
+    model.eval()  # the reference below: no dropout
     site = model[0]
     with torch.no_grad():
         site.adapter.A.copy_(torch.tensor([[1.0, 0.0], [0.0, -0.5]]))  # z = (u, -u/2): both sweep the grid

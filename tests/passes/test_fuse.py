@@ -7,7 +7,7 @@ from torch import nn
 
 import aurora_fx
 from aurora_fx.config import AuroraConfig
-from aurora_fx.ops.fused import aurora_delta, aurora_linear, lora_linear
+from aurora_fx.ops.fused import aurora_linear, lora_linear
 from aurora_fx.passes.fuse import can_fuse, fuse_adapters
 from tests.conftest import assert_close
 from tests.models import randomize_adapters
@@ -21,6 +21,7 @@ def test_fuse_replaces_the_subgraph_by_one_op_and_keeps_numerics():
     model = nn.Sequential(nn.Linear(6, 5))
     aurora_fx.apply(model, "0", fuse=False)
     randomize_adapters(model)
+    model.eval()  # the default dropout (0.05) is the identity: outputs compare exactly
     x = torch.randn(3, 6)
     before = model(x)
     n_before = len(model[0].graph.nodes)
@@ -28,28 +29,54 @@ def test_fuse_replaces_the_subgraph_by_one_op_and_keeps_numerics():
     assert result.modified
     gm = result.graph_module
     gm.graph.lint()
-    assert _ops(gm) == [aurora_linear]  # the base linear and the adapter in one op (no dropout)
+    assert _ops(gm) == [aurora_linear]  # the base linear and the adapter in one op
     assert len(gm.graph.nodes) < n_before
     assert_close(gm(x), before)
 
 
-def test_with_dropout_the_base_linear_stays_and_dropout_feeds_the_fused_op():
-    model = nn.Sequential(nn.Linear(6, 5))
-    aurora_fx.apply(model, "0", dropout=0.2)
-    gm = model[0]
-    fused = next(n for n in gm.graph.nodes if n.target is aurora_delta)
-    assert fused.args[1].op == "call_module" and fused.args[1].target == "adapter.dropout"
-    assert fused.args[0].target is torch._C._nn.linear  # the base sees the undropped input
+def test_with_dropout_the_op_takes_the_linear_and_drops_only_the_adapter_input_while_training(monkeypatch):
+    import aurora_fx.ops.fused as fused_ops
+
+    split = []  # which calls ran the base linear and the delta op separately
+    for name in ("aurora_delta", "lora_delta"):
+        real = getattr(fused_ops, name)
+        monkeypatch.setattr(fused_ops, name, lambda *a, _real=real: split.append(1) or _real(*a))
+    for method in ("aurora", "lora"):
+        torch.manual_seed(0)
+        fused = aurora_fx.apply(nn.Sequential(nn.Linear(6, 5)), "0", method=method, rank=2, dropout=0.5)
+        randomize_adapters(fused)
+        plain = aurora_fx.apply(nn.Sequential(nn.Linear(6, 5)), "0", method=method, rank=2, dropout=0.5,
+                                fuse=False)
+        plain.load_state_dict(fused.state_dict())
+        op = next(n for n in fused[0].graph.nodes if n.target in (aurora_linear, lora_linear))
+        assert op.kwargs["dropout"].target == "adapter.dropout"  # the adapter's own dropout module
+        x = torch.randn(4, 3, 6, requires_grad=True)
+        xs = x.detach().clone().requires_grad_()
+        for train in (True, False):
+            fused.train(train), plain.train(train)
+            split.clear()
+            torch.manual_seed(1)
+            out = fused(x)
+            assert split == ([1] if train else [])  # eval: the fused kernel, base linear included
+            torch.manual_seed(1)  # the same dropout mask
+            ref = plain(xs)
+            assert_close(out, ref)
+            if train:  # the mask is drawn: the dropped adapter input differs from the base's
+                torch.manual_seed(2)
+                assert not torch.allclose(fused(x), out)
+                out.sum().backward(), ref.sum().backward()
+                assert_close(x.grad, xs.grad)
 
 
 def test_the_fused_linear_gives_the_unfused_gradients_for_every_input():
     for method in ("aurora", "lora"):
         torch.manual_seed(0)
-        fused = aurora_fx.apply(nn.Sequential(nn.Linear(6, 5)), "0", method=method, rank=2)
+        fused = aurora_fx.apply(nn.Sequential(nn.Linear(6, 5)), "0", method=method, rank=2, dropout=0.0)
         randomize_adapters(fused)
         fused[0].weight.requires_grad_(True)  # the base weight and bias too, when they train
         fused[0].bias.requires_grad_(True)
-        plain = aurora_fx.apply(nn.Sequential(nn.Linear(6, 5)), "0", method=method, rank=2, fuse=False)
+        plain = aurora_fx.apply(nn.Sequential(nn.Linear(6, 5)), "0", method=method, rank=2, dropout=0.0,
+                                fuse=False)
         plain.load_state_dict(fused.state_dict())
         plain[0].weight.requires_grad_(True)
         plain[0].bias.requires_grad_(True)
