@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from aurora_fx.config import AdapterConfig
+from aurora_fx.ops.dropout import InputDropout
 
 __all__ = ["AdapterBase", "Fusion", "LoraFactors", "kaiming_uniform_"]
 
@@ -84,7 +85,7 @@ class AdapterBase(nn.Module):
         self.out_features = out_features
         self.config = config
         self.scale = config.scale
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else None
+        self.dropout = InputDropout(config.dropout) if config.dropout > 0 else None  # nn.Dropout, cheap CPU mask
 
     def _input(self, x: Tensor, like: Tensor) -> Tensor:
         """``drop(x)`` in the dtype of ``like`` (an adapter parameter): float32 adapters on a half base."""

@@ -2,8 +2,9 @@
 
 ``aurora_delta(base, x, A, B, H, Ws, s, lo, h)`` and ``lora_delta(base, x, A, B, s)`` return
 ``base + Δ(x)``; ``aurora_linear(x, W, b, A, B, H, Ws, s, lo, h)`` and ``lora_linear(x, W, b, A, B, s)``
-also compute the base linear (with adapter dropout: fused while the dropout is inactive, i.e. in
-eval; in training the base linear and the delta op on the dropped input). They choose, at each call:
+also compute the base linear (with active adapter dropout, in training: AuroRA's one-op CPU path with
+the mask as an input, else the base linear and the delta op on the dropped input). They choose, at
+each call:
 
 * the Triton ``triton_op`` s on CUDA tensors when Triton is installed (eager runs the kernels;
   ``torch.compile`` traces into them);
@@ -20,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 import aurora_fx.ops.aurora_delta  # noqa: F401  (registers aurora_fx::aurora_delta_add)
+import aurora_fx.ops.dropout as D
 import aurora_fx.ops.linear_fused as LF  # (registers aurora_fx::aurora_linear and lora_linear)
 import aurora_fx.ops.lora_delta  # noqa: F401  (registers aurora_fx::lora_delta_add and the in-place ops)
 
@@ -105,14 +107,25 @@ def _active(dropout: nn.Module | None) -> bool:
     return dropout is not None and dropout.training and dropout.p > 0
 
 
+def _fused_dropout(x: Tensor, dropout: nn.Module) -> bool:
+    """Eager CPU training without autocast, with the adapters' own dropout: one op, mask included."""
+    return (isinstance(dropout, D.InputDropout) and x.device.type == "cpu" and torch.is_grad_enabled()
+            and not _tracing() and not torch.is_autocast_enabled("cpu"))
+
+
 def aurora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, H: Tensor, Ws: Tensor,
                   scale: float, grid_lo: float, grid_step: float, dropout: nn.Module | None = None) -> Tensor:
     """``x·Wᵀ + b + s·B·σ(A·drop(x))`` in one op on the CPU (the base linear is cuBLAS's on CUDA).
 
-    While ``dropout`` (the adapter's own) is active, the base linear and the adapter on the dropped
-    input run as ``linear`` plus ``aurora_delta``; in eval it is the identity and the op is fused.
+    While ``dropout`` (the adapter's own) is active, the base sees x and the adapter the dropped copy:
+    ``AuroraLinearDropout`` with the mask as an input in eager CPU training, else ``linear`` plus
+    ``aurora_delta``; in eval the dropout is the identity and the op is fused.
     """
     if _active(dropout):
+        if _fused_dropout(x, dropout):
+            keep = D.keep_mask(x.shape, dropout.p, x.device)  # the mask InputDropout would draw
+            return LF.AuroraLinearDropout.apply(x, keep, 1.0 / (1.0 - D.effective_p(dropout.p)), weight, bias, A, B,
+                                                H, Ws, scale, grid_lo, grid_step)[0]
         xa = dropout(x.to(A.dtype))
         return aurora_delta(torch.nn.functional.linear(x, weight, bias), xa, A, B, H, Ws, scale, grid_lo, grid_step)
     if _use_triton(x):

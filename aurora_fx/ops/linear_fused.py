@@ -12,8 +12,9 @@ base linear lets the op write the rank-r update (with the bias) first and let th
 accumulate into it (beta 1), so the update costs no extra pass over the ``(N, d_out)`` output; in
 the backward the base's ``g·W`` GEMM likewise accumulates into the adapter's part of ``∂L/∂x``:
 autograd never adds two ``(N, d_in)`` gradients. The fuse pass uses these for every plain-linear site;
-while a site's adapter dropout is active the base and the adapter see different inputs, and
-``aurora_fx.ops.fused`` runs the base linear plus ``aurora_delta_add`` instead.
+while a site's adapter dropout is active the base and the adapter see different inputs:
+``AuroraLinearDropout`` (eager CPU training) takes the mask as an input, otherwise
+``aurora_fx.ops.fused`` runs the base linear plus ``aurora_delta_add``.
 ``∂L/∂W`` and ``∂L/∂b`` are computed only when they require grad.
 """
 
@@ -25,7 +26,7 @@ from torch import Tensor
 from aurora_fx.ops.aurora_delta import _anl, adapter_grads, register_autocast
 
 __all__ = ["aurora_linear", "lora_linear", "aurora_linear_kernel", "lora_linear_kernel", "AuroraLinear",
-           "LoraLinear"]
+           "LoraLinear", "AuroraLinearDropout"]
 
 
 def _outputs(x: Tensor, xa: Tensor, weight: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
@@ -199,3 +200,42 @@ class LoraLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, grad_t):  # noqa: D102
         return _backward_lora(ctx, grad_out, grad_t)
+
+
+class AuroraLinearDropout(torch.autograd.Function):
+    """Eager CPU training with active input dropout: ``x·Wᵀ + b + s·B·σ(A·(x⊙keep)·c)``, one pass over the output.
+
+    ``keep`` (bool, x's shape) and ``c = 1/(1-p)`` come from ``aurora_fx.ops.dropout`` (the mask
+    ``InputDropout`` would draw). The base linear sees x, the adapter the dropped copy; the backward
+    masks the adapter's part of ``∂L/∂x`` in place and lets the base's ``g·W`` GEMM accumulate into it,
+    so dropout adds no ``(N, d)`` gradient sum. It saves the dropped copy (and x only when W trains).
+    """
+
+    @staticmethod
+    def forward(ctx, x, keep, drop_scale, weight, bias, A, B, H, Ws, scale, grid_lo, grid_step):  # noqa: D102
+        xb = x.reshape(-1, x.shape[-1]).to(weight.dtype)
+        xa = torch.where(keep, x, 0).reshape(-1, x.shape[-1]).to(A.dtype).mul_(drop_scale)
+        out, z = _outputs(x, xa, weight, A)
+        sigma = _anl(z.view(-1, A.shape[0]), H, Ws, grid_lo, grid_step).sigma
+        _linear_plus(out.view(-1, weight.shape[0]), xb, weight, bias, sigma, (B * scale).t().contiguous())
+        ctx.save_for_backward(x if ctx.needs_input_grad[3] else None, keep, xa, weight, A, B, H, Ws, z)
+        ctx.hyper, ctx.has_bias, ctx.drop_scale = (scale, grid_lo, grid_step), bias is not None, drop_scale
+        ctx.x_dtype = x.dtype
+        return out, z
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_z):  # noqa: D102
+        x, keep, xa, weight, A, B, H, Ws, z = ctx.saved_tensors
+        need, r = ctx.needs_input_grad, A.shape[0]
+        g = grad_out.reshape(-1, weight.shape[0])
+        grads = adapter_grads(g.to(A.dtype), z.reshape(-1, r), B, H, Ws, *ctx.hyper, need[6:9])
+        g_z = grads.g_z if grad_z is None else grads.g_z + grad_z.reshape(-1, r)
+        grad_x = None
+        if need[0]:
+            part = torch.where(keep.reshape(-1, keep.shape[-1]), g_z @ A, 0).mul_(ctx.drop_scale)
+            grad_x = part.to(weight.dtype).addmm_(g.to(weight.dtype), weight).reshape(keep.shape).to(ctx.x_dtype)
+        grad_w = (g.t() @ x.reshape(-1, x.shape[-1]).to(weight.dtype)).to(weight.dtype) if need[3] else None
+        grad_b = g.sum(0).to(weight.dtype) if need[4] and ctx.has_bias else None
+        grad_A = g_z.t() @ xa if need[5] else None
+        return (grad_x, None, None, grad_w, grad_b, grad_A, grads.grad_B, grads.grad_H, grads.grad_Ws,
+                None, None, None)

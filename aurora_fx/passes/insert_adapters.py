@@ -36,6 +36,7 @@ from collections.abc import Iterable
 import torch.fx as fx
 from torch import nn
 
+from aurora_fx.ops.dropout import InputDropout
 from aurora_fx.owners import Binding
 from aurora_fx.passes.base import PassResult, Role, finish_graph, tag
 from aurora_fx.passes.match import linear_calls
@@ -51,9 +52,16 @@ def adapter_graph(adapter: nn.Module) -> fx.Graph:
     key = adapter.trace_key()
     cached = _GRAPH_CACHE.get(key)
     if cached is None:
-        cached = fx.Tracer().trace(adapter)
+        cached = _AdapterTracer().trace(adapter)
         _GRAPH_CACHE[key] = cached
     return cached
+
+
+class _AdapterTracer(fx.Tracer):
+    """fx's default leaves (``torch.nn`` modules), plus the adapters' ``InputDropout``."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, InputDropout) or super().is_leaf_module(m, module_qualified_name)
 
 
 _GRAPH_CACHE: dict[tuple[type, object], fx.Graph] = {}

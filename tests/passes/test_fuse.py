@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -34,38 +35,51 @@ def test_fuse_replaces_the_subgraph_by_one_op_and_keeps_numerics():
     assert_close(gm(x), before)
 
 
-def test_with_dropout_the_op_takes_the_linear_and_drops_only_the_adapter_input_while_training(monkeypatch):
+def _dropout_pair(method: str, train_base: bool):
+    torch.manual_seed(0)
+    fused = aurora_fx.apply(nn.Sequential(nn.Linear(6, 5)), "0", method=method, rank=2, dropout=0.5)
+    randomize_adapters(fused)
+    plain = aurora_fx.apply(nn.Sequential(nn.Linear(6, 5)), "0", method=method, rank=2, dropout=0.5, fuse=False)
+    plain.load_state_dict(fused.state_dict())
+    for model in (fused, plain):
+        model[0].weight.requires_grad_(train_base)
+        model[0].bias.requires_grad_(train_base)
+    return fused, plain
+
+
+@pytest.mark.parametrize("train_base", [False, True])
+@pytest.mark.parametrize("method", ["aurora", "lora"])
+def test_with_dropout_the_op_takes_the_linear_and_drops_only_the_adapter_input(monkeypatch, method, train_base):
     import aurora_fx.ops.fused as fused_ops
 
-    split = []  # which calls ran the base linear and the delta op separately
-    for name in ("aurora_delta", "lora_delta"):
-        real = getattr(fused_ops, name)
-        monkeypatch.setattr(fused_ops, name, lambda *a, _real=real: split.append(1) or _real(*a))
-    for method in ("aurora", "lora"):
-        torch.manual_seed(0)
-        fused = aurora_fx.apply(nn.Sequential(nn.Linear(6, 5)), "0", method=method, rank=2, dropout=0.5)
-        randomize_adapters(fused)
-        plain = aurora_fx.apply(nn.Sequential(nn.Linear(6, 5)), "0", method=method, rank=2, dropout=0.5,
-                                fuse=False)
-        plain.load_state_dict(fused.state_dict())
-        op = next(n for n in fused[0].graph.nodes if n.target in (aurora_linear, lora_linear))
-        assert op.kwargs["dropout"].target == "adapter.dropout"  # the adapter's own dropout module
-        x = torch.randn(4, 3, 6, requires_grad=True)
-        xs = x.detach().clone().requires_grad_()
-        for train in (True, False):
-            fused.train(train), plain.train(train)
-            split.clear()
-            torch.manual_seed(1)
-            out = fused(x)
-            assert split == ([1] if train else [])  # eval: the fused kernel, base linear included
-            torch.manual_seed(1)  # the same dropout mask
-            ref = plain(xs)
-            assert_close(out, ref)
-            if train:  # the mask is drawn: the dropped adapter input differs from the base's
-                torch.manual_seed(2)
-                assert not torch.allclose(fused(x), out)
-                out.sum().backward(), ref.sum().backward()
-                assert_close(x.grad, xs.grad)
+    split = []  # calls that ran the base linear and the delta op separately
+    real = getattr(fused_ops, f"{method}_delta")
+    monkeypatch.setattr(fused_ops, f"{method}_delta", lambda *a: split.append(1) or real(*a))
+    fused, plain = _dropout_pair(method, train_base)
+    op = next(n for n in fused[0].graph.nodes if n.target in (aurora_linear, lora_linear))
+    assert op.kwargs["dropout"].target == "adapter.dropout"  # the adapter's own dropout module
+    x = torch.randn(4, 3, 6, requires_grad=True)
+    xs = x.detach().clone().requires_grad_()
+    for train in (True, False):
+        fused.train(train), plain.train(train)
+        split.clear()
+        torch.manual_seed(1)
+        out = fused(x)
+        # AuroRA: one op with the mask inside (AuroraLinearDropout); LoRA: base linear + delta op; eval: fused
+        assert split == ([1] if train and method == "lora" else [])
+        torch.manual_seed(1)  # the same dropout mask
+        ref = plain(xs)
+        assert_close(out, ref)
+        if train:  # the mask is drawn: the dropped adapter input differs from the base's
+            torch.manual_seed(2)
+            assert not torch.allclose(fused(x), out)
+            g = torch.randn_like(out)
+            out.backward(g), ref.backward(g)
+            assert_close(x.grad, xs.grad)
+            for (name, p), q in zip(fused.named_parameters(), plain.parameters(), strict=True):
+                assert (p.grad is None) == (q.grad is None), name
+                if p.grad is not None:
+                    assert_close(p.grad, q.grad, atol=1e-5), name
 
 
 def test_the_fused_linear_gives_the_unfused_gradients_for_every_input():
