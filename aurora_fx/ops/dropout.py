@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-__all__ = ["InputDropout", "effective_p", "keep_mask"]
+__all__ = ["InputDropout", "effective_p", "keep_mask", "keep_scale"]
 
 _LEVELS = 1 << 16  # the mask's resolution: 16 random bits per element
 
@@ -45,6 +45,11 @@ def _threshold(p: float) -> int:
 def effective_p(p: float) -> float:
     """The drop probability the CPU mask realises: ``p`` rounded to a multiple of 2⁻¹⁶."""
     return (_threshold(p) + (1 << 15)) / _LEVELS
+
+
+def keep_scale(p: float) -> float:
+    """The factor on kept elements, ``1 / (1 - effective_p(p))``: the expectation stays exact."""
+    return 1.0 / (1.0 - effective_p(p))
 
 
 def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device | str = "cpu") -> Tensor:
@@ -62,7 +67,7 @@ class _MaskedScale(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, p: float) -> Tensor:  # noqa: D102
         keep = keep_mask(x.shape, p, x.device)
-        ctx.scale = 1.0 / (1.0 - effective_p(p))
+        ctx.scale = keep_scale(p)
         ctx.save_for_backward(keep)
         return torch.where(keep, x, 0).mul_(ctx.scale)
 

@@ -107,6 +107,11 @@ def _active(dropout: nn.Module | None) -> bool:
     return dropout is not None and dropout.training and dropout.p > 0
 
 
+def _adapter_input(x: Tensor, A: Tensor, dropout: nn.Module | None) -> Tensor:
+    """What the adapter sees: ``drop(x)`` in A's dtype while the dropout is active, else x."""
+    return dropout(x.to(A.dtype)) if _active(dropout) else x
+
+
 def _fused_dropout(x: Tensor, dropout: nn.Module) -> bool:
     """Eager CPU training without autocast, with the adapters' own dropout: one op, mask included."""
     return (isinstance(dropout, D.InputDropout) and x.device.type == "cpu" and torch.is_grad_enabled()
@@ -121,25 +126,19 @@ def aurora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: 
     ``AuroraLinearDropout`` with the mask as an input in eager CPU training, else ``linear`` plus
     ``aurora_delta``; in eval the dropout is the identity and the op is fused.
     """
-    if _active(dropout):
-        if _fused_dropout(x, dropout):
-            keep = D.keep_mask(x.shape, dropout.p, x.device)  # the mask InputDropout would draw
-            return LF.AuroraLinearDropout.apply(x, keep, 1.0 / (1.0 - D.effective_p(dropout.p)), weight, bias, A, B,
-                                                H, Ws, scale, grid_lo, grid_step)[0]
-        xa = dropout(x.to(A.dtype))
-        return aurora_delta(torch.nn.functional.linear(x, weight, bias), xa, A, B, H, Ws, scale, grid_lo, grid_step)
-    if _use_triton(x):
-        return aurora_delta(torch.nn.functional.linear(x, weight, bias), x, A, B, H, Ws, scale, grid_lo, grid_step)
     args = (x, weight, bias, A, B, H, Ws, scale, grid_lo, grid_step)
+    if _active(dropout) and _fused_dropout(x, dropout):
+        keep = D.keep_mask(x.shape, dropout.p, x.device)  # the mask InputDropout would draw
+        return LF.AuroraLinearDropout.apply(*args, keep, D.keep_scale(dropout.p))[0]
+    if _active(dropout) or _use_triton(x):
+        base = torch.nn.functional.linear(x, weight, bias)
+        return aurora_delta(base, _adapter_input(x, A, dropout), A, B, H, Ws, scale, grid_lo, grid_step)
     return _eager(LF.aurora_linear_kernel, LF.AuroraLinear, _OPS.aurora_linear, args)
 
 
 def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float,
                 dropout: nn.Module | None = None) -> Tensor:
     """``x·Wᵀ + b + s·B·A·drop(x)`` in one op on the CPU (``dropout`` as in ``aurora_linear``)."""
-    if _active(dropout):
-        xa = dropout(x.to(A.dtype))
-        return lora_delta(torch.nn.functional.linear(x, weight, bias), xa, A, B, scale)
-    if _use_triton(x):
-        return lora_delta(torch.nn.functional.linear(x, weight, bias), x, A, B, scale)
+    if _active(dropout) or _use_triton(x):
+        return lora_delta(torch.nn.functional.linear(x, weight, bias), _adapter_input(x, A, dropout), A, B, scale)
     return _eager(LF.lora_linear_kernel, LF.LoraLinear, _OPS.lora_linear, (x, weight, bias, A, B, scale))

@@ -64,14 +64,23 @@ def _flat(x: Tensor, weight: Tensor, A: Tensor):
     return x2.to(weight.dtype), x2.to(A.dtype)
 
 
-def aurora_linear_kernel(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, H: Tensor,
-                         Ws: Tensor, scale: float, grid_lo: float, grid_step: float) -> tuple[Tensor, Tensor]:
-    """``(x·Wᵀ + b + s·B·σ(A·x), A·x)``: the CPU kernel of both the custom op and ``AuroraLinear``."""
+def _aurora_forward(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, H: Tensor, Ws: Tensor,
+                    scale: float, grid_lo: float, grid_step: float, keep: Tensor | None = None,
+                    drop_scale: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+    """``(x·Wᵀ + b + s·B·σ(A·xa), A·xa, xa)`` with ``xa`` = x, or x dropped by ``keep`` and scaled."""
     xb, xa = _flat(x, weight, A)
+    if keep is not None:
+        xa = torch.where(keep.reshape(xa.shape), xa, 0).mul_(drop_scale)
     out, z = _outputs(x, xa, weight, A)
     sigma = _anl(z.view(-1, A.shape[0]), H, Ws, grid_lo, grid_step).sigma
     _linear_plus(out.view(-1, weight.shape[0]), xb, weight, bias, sigma, (B * scale).t().contiguous())
-    return out, z
+    return out, z, xa
+
+
+def aurora_linear_kernel(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, H: Tensor,
+                         Ws: Tensor, scale: float, grid_lo: float, grid_step: float) -> tuple[Tensor, Tensor]:
+    """``(x·Wᵀ + b + s·B·σ(A·x), A·x)``: the CPU kernel of both the custom op and ``AuroraLinear``."""
+    return _aurora_forward(x, weight, bias, A, B, H, Ws, scale, grid_lo, grid_step)[:2]
 
 
 @torch.library.custom_op("aurora_fx::aurora_linear", mutates_args=())
@@ -87,18 +96,26 @@ def _(x, weight, bias, A, B, H, Ws, scale, grid_lo, grid_step):
             x.new_empty(*x.shape[:-1], A.shape[0], dtype=A.dtype))
 
 
-def _setup_aurora(ctx, inputs, output) -> None:
-    x, weight, bias, A, B, H, Ws, scale, grid_lo, grid_step = inputs
-    ctx.save_for_backward(x, weight, A, B, H, Ws, output[1])
+def _setup_aurora(ctx, inputs, output, dropped: tuple[Tensor, Tensor] | None = None) -> None:
+    """Save what the backward needs; ``dropped`` = (keep, xa) when the adapter saw a dropped copy of x."""
+    x, weight, bias, A, B, H, Ws, scale, grid_lo, grid_step = inputs[:10]
+    ctx.save_for_backward(x, weight, A, B, H, Ws, output[1], *(dropped or ()))
     ctx.hyper, ctx.has_bias = (scale, grid_lo, grid_step), bias is not None
 
 
-def _base_grads(ctx, g: Tensor, xb: Tensor, weight: Tensor, g_code: Tensor, A: Tensor, x: Tensor):
-    """``∂L/∂x = g·W + g_code·A`` (accumulated in place), ``∂L/∂W``, ``∂L/∂b`` when needed."""
+def _base_grads(ctx, g: Tensor, xb: Tensor, weight: Tensor, g_code: Tensor, A: Tensor, x: Tensor,
+                keep: Tensor | None = None):
+    """``∂L/∂x = g·W + g_code·A`` (accumulated in place), ``∂L/∂W``, ``∂L/∂b`` when needed.
+
+    Under dropout the adapter's part is masked by ``keep`` and scaled by ``ctx.drop_scale``.
+    """
     need = ctx.needs_input_grad
     grad_x = None
     if need[0]:
-        grad_x = (g_code.to(A.dtype) @ A).to(weight.dtype)  # (N, d_in): the adapter's part first ...
+        part = g_code.to(A.dtype) @ A  # (N, d_in): the adapter's part first ...
+        if keep is not None:
+            part = torch.where(keep.reshape(part.shape), part, 0).mul_(ctx.drop_scale)
+        grad_x = part.to(weight.dtype)
         grad_x.addmm_(g.to(weight.dtype), weight)  # ... then the base's g·W GEMM accumulates into it
         grad_x = grad_x.reshape(x.shape).to(x.dtype)
     grad_w = (g.t() @ xb).to(weight.dtype) if need[1] else None
@@ -107,13 +124,14 @@ def _base_grads(ctx, g: Tensor, xb: Tensor, weight: Tensor, g_code: Tensor, A: T
 
 
 def _backward_aurora(ctx, grad_out: Tensor, grad_z: Tensor | None):
-    x, weight, A, B, H, Ws, z = ctx.saved_tensors
+    x, weight, A, B, H, Ws, z, *dropped = ctx.saved_tensors
     xb, xa = _flat(x, weight, A)
+    keep, xa = dropped if dropped else (None, xa)
     r, need = A.shape[0], ctx.needs_input_grad
     g = grad_out.reshape(-1, weight.shape[0])
     grads = adapter_grads(g.to(A.dtype), z.reshape(-1, r), B, H, Ws, *ctx.hyper, need[4:7])
     g_z = grads.g_z if grad_z is None else grads.g_z + grad_z.reshape(-1, r)
-    grad_x, grad_w, grad_b = _base_grads(ctx, g, xb, weight, g_z, A, x)
+    grad_x, grad_w, grad_b = _base_grads(ctx, g, xb, weight, g_z, A, x, keep)
     grad_A = g_z.t() @ xa if need[3] else None
     return grad_x, grad_w, grad_b, grad_A, grads.grad_B, grads.grad_H, grads.grad_Ws, None, None, None
 
@@ -205,37 +223,19 @@ class LoraLinear(torch.autograd.Function):
 class AuroraLinearDropout(torch.autograd.Function):
     """Eager CPU training with active input dropout: ``x·Wᵀ + b + s·B·σ(A·(x⊙keep)·c)``, one pass over the output.
 
-    ``keep`` (bool, x's shape) and ``c = 1/(1-p)`` come from ``aurora_fx.ops.dropout`` (the mask
-    ``InputDropout`` would draw). The base linear sees x, the adapter the dropped copy; the backward
-    masks the adapter's part of ``∂L/∂x`` in place and lets the base's ``g·W`` GEMM accumulate into it,
-    so dropout adds no ``(N, d)`` gradient sum. It saves the dropped copy (and x only when W trains).
+    Inputs are ``AuroraLinear``'s plus ``keep`` (bool, x's shape) and ``c = 1/(1-p)`` from
+    ``aurora_fx.ops.dropout`` (the mask ``InputDropout`` would draw). The base linear sees x, the
+    adapter the dropped copy (saved for ``∂L/∂A``); the backward masks the adapter's part of ``∂L/∂x``
+    in place and lets the base's ``g·W`` GEMM accumulate into it, so dropout adds no ``(N, d)`` sum.
     """
 
     @staticmethod
-    def forward(ctx, x, keep, drop_scale, weight, bias, A, B, H, Ws, scale, grid_lo, grid_step):  # noqa: D102
-        xb = x.reshape(-1, x.shape[-1]).to(weight.dtype)
-        xa = torch.where(keep, x, 0).reshape(-1, x.shape[-1]).to(A.dtype).mul_(drop_scale)
-        out, z = _outputs(x, xa, weight, A)
-        sigma = _anl(z.view(-1, A.shape[0]), H, Ws, grid_lo, grid_step).sigma
-        _linear_plus(out.view(-1, weight.shape[0]), xb, weight, bias, sigma, (B * scale).t().contiguous())
-        ctx.save_for_backward(x if ctx.needs_input_grad[3] else None, keep, xa, weight, A, B, H, Ws, z)
-        ctx.hyper, ctx.has_bias, ctx.drop_scale = (scale, grid_lo, grid_step), bias is not None, drop_scale
-        ctx.x_dtype = x.dtype
+    def forward(ctx, *inputs):  # noqa: D102
+        out, z, xa = _aurora_forward(*inputs)
+        keep, ctx.drop_scale = inputs[10:12]
+        _setup_aurora(ctx, inputs, (out, z), dropped=(keep, xa))
         return out, z
 
     @staticmethod
     def backward(ctx, grad_out, grad_z):  # noqa: D102
-        x, keep, xa, weight, A, B, H, Ws, z = ctx.saved_tensors
-        need, r = ctx.needs_input_grad, A.shape[0]
-        g = grad_out.reshape(-1, weight.shape[0])
-        grads = adapter_grads(g.to(A.dtype), z.reshape(-1, r), B, H, Ws, *ctx.hyper, need[6:9])
-        g_z = grads.g_z if grad_z is None else grads.g_z + grad_z.reshape(-1, r)
-        grad_x = None
-        if need[0]:
-            part = torch.where(keep.reshape(-1, keep.shape[-1]), g_z @ A, 0).mul_(ctx.drop_scale)
-            grad_x = part.to(weight.dtype).addmm_(g.to(weight.dtype), weight).reshape(keep.shape).to(ctx.x_dtype)
-        grad_w = (g.t() @ x.reshape(-1, x.shape[-1]).to(weight.dtype)).to(weight.dtype) if need[3] else None
-        grad_b = g.sum(0).to(weight.dtype) if need[4] and ctx.has_bias else None
-        grad_A = g_z.t() @ xa if need[5] else None
-        return (grad_x, None, None, grad_w, grad_b, grad_A, grads.grad_B, grads.grad_H, grads.grad_Ws,
-                None, None, None)
+        return (*_backward_aurora(ctx, grad_out, grad_z), None, None)

@@ -11,8 +11,8 @@ Pattern → check → rewrite:
   in-place no-grad variant or Triton at each call). The adapter's dropout node, if any, stays and
   feeds the op. Where ``base`` is a plain ``linear(x, W, b)`` on the adapter's input, the op takes
   the base linear over: ``fusion.linear_op(x, W, b, *params, *constants)``, with
-  ``dropout=self.<attr>.dropout`` when the adapter has dropout (the op runs the base linear and the
-  adapter on the dropped input separately while that dropout is active, fused in eval).
+  ``dropout=self.<attr>.dropout`` when the adapter has dropout (while it is active the base sees x
+  and the adapter the dropped copy; in eval the dropout is the identity).
 
 After (compare the unfused graph in ``insert_adapters``)::
 
@@ -69,8 +69,8 @@ def _plain_linear(base: fx.Node, x: fx.Node, attr: str) -> tuple | None:
     """``(input, weight, bias, dropout)`` of a base ``linear(input, W, b)`` the op can take over, else None.
 
     That needs get_attr W (and b), and the adapter's input ``x`` being that input up to a dtype cast
-    and the adapter's own dropout (``dropout``: the ``<attr>.dropout`` module path, or None). With
-    dropout the op computes the base linear itself only while the dropout is inactive (eval).
+    and the adapter's own dropout (``dropout``: the ``<attr>.dropout`` module path, or None), which
+    the op then applies to the adapter's input only.
     """
     if not (base.op == "call_function" and base.target in (F.linear, torch._C._nn.linear)) or base.kwargs:
         return None
