@@ -34,7 +34,8 @@ from torch import Tensor
 
 from aurora_fx.functional import spline_dtype
 
-__all__ = ["aurora_delta_add", "spline_basis", "first_centre", "adapter_grads", "AdapterGrads", "register_autocast"]
+__all__ = ["aurora_delta_add", "spline_basis", "first_centre", "adapter_grads", "AdapterGrads",
+           "register_autocast"]
 
 ORDER = 3  # the only spline order the fused kernel implements
 
@@ -134,10 +135,12 @@ class AdapterGrads(NamedTuple):
 
 
 def adapter_grads(g: Tensor, z2: Tensor, B: Tensor, H: Tensor, Ws: Tensor, scale: float, grid_lo: float,
-                  grid_step: float, need: tuple[bool, bool, bool]) -> AdapterGrads:
-    """Backward through ``s·B·σ(z)`` for ``g`` (N, d_out); ``need`` asks for (grad_B, grad_H, grad_Ws)."""
-    # Recompute the cheap N×r pieces of the forward.
-    sigma, a, f, summed, slope = _anl(z2, H, Ws, grid_lo, grid_step, derivative=True)
+                  grid_step: float, need: tuple[bool, bool, bool], saved: _Anl | None = None) -> AdapterGrads:
+    """Backward through ``s·B·σ(z)`` for ``g`` (N, d_out); ``need`` asks for (grad_B, grad_H, grad_Ws).
+
+    ``saved``: the forward's ``_anl(z2, ..., derivative=True)``, else those cheap N×r pieces are recomputed.
+    """
+    sigma, a, f, summed, slope = saved or _anl(z2, H, Ws, grid_lo, grid_step, derivative=True)
     ws = Ws.to(summed.dtype)
     # Skinny GEMMs are fast on CPU only in the "(N,d)·(d,r) with a transposed (r,d) operand" and
     # "(r,N)·(N,d)" layouts (up to 8x faster than the naive forms), so the operands are arranged so.

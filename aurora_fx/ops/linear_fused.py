@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from aurora_fx.ops.aurora_delta import _anl, adapter_grads, register_autocast
+from aurora_fx.ops.aurora_delta import _Anl, _anl, adapter_grads, register_autocast
 
 __all__ = ["aurora_linear", "lora_linear", "aurora_linear_kernel", "lora_linear_kernel", "AuroraLinear",
            "LoraLinear", "AuroraLinearDropout"]
@@ -66,15 +66,18 @@ def _flat(x: Tensor, weight: Tensor, A: Tensor):
 
 def _aurora_forward(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, H: Tensor, Ws: Tensor,
                     scale: float, grid_lo: float, grid_step: float, keep: Tensor | None = None,
-                    drop_scale: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
-    """``(x·Wᵀ + b + s·B·σ(A·xa), A·xa, xa)`` with ``xa`` = x, or x dropped by ``keep`` and scaled."""
+                    drop_scale: float = 1.0, *, derivative: bool = False) -> tuple[Tensor, Tensor, Tensor, _Anl]:
+    """``(x·Wᵀ + b + s·B·σ(A·xa), A·xa, xa, σ's pieces)`` with ``xa`` = x, or x dropped by ``keep`` and scaled.
+
+    ``derivative``: also the spline's slope, so a training backward need not recompute σ.
+    """
     xb, xa = _flat(x, weight, A)
     if keep is not None:
         xa = torch.where(keep.reshape(xa.shape), xa, 0).mul_(drop_scale)
     out, z = _outputs(x, xa, weight, A)
-    sigma = _anl(z.view(-1, A.shape[0]), H, Ws, grid_lo, grid_step).sigma
-    _linear_plus(out.view(-1, weight.shape[0]), xb, weight, bias, sigma, (B * scale).t().contiguous())
-    return out, z, xa
+    anl = _anl(z.view(-1, A.shape[0]), H, Ws, grid_lo, grid_step, derivative)
+    _linear_plus(out.view(-1, weight.shape[0]), xb, weight, bias, anl.sigma, (B * scale).t().contiguous())
+    return out, z, xa, anl
 
 
 def aurora_linear_kernel(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, H: Tensor,
@@ -96,11 +99,16 @@ def _(x, weight, bias, A, B, H, Ws, scale, grid_lo, grid_step):
             x.new_empty(*x.shape[:-1], A.shape[0], dtype=A.dtype))
 
 
-def _setup_aurora(ctx, inputs, output, dropped: tuple[Tensor, Tensor] | None = None) -> None:
-    """Save what the backward needs; ``dropped`` = (keep, xa) when the adapter saw a dropped copy of x."""
+def _setup_aurora(ctx, inputs, output, dropped: tuple[Tensor, Tensor] | None = None, anl: _Anl | None = None) -> None:
+    """Save what the backward needs.
+
+    ``dropped`` = (keep, xa) when the adapter saw a dropped copy of x; ``anl`` = the forward's σ pieces
+    with the slope (eager Functions; the custom op's backward recomputes them from z).
+    """
     x, weight, bias, A, B, H, Ws, scale, grid_lo, grid_step = inputs[:10]
-    ctx.save_for_backward(x, weight, A, B, H, Ws, output[1], *(dropped or ()))
+    ctx.save_for_backward(x, weight, A, B, H, Ws, output[1], *(dropped or ()), *(anl or ()))
     ctx.hyper, ctx.has_bias = (scale, grid_lo, grid_step), bias is not None
+    ctx.dropped, ctx.saved_anl = dropped is not None, anl is not None
 
 
 def _base_grads(ctx, g: Tensor, xb: Tensor, weight: Tensor, g_code: Tensor, A: Tensor, x: Tensor,
@@ -124,12 +132,13 @@ def _base_grads(ctx, g: Tensor, xb: Tensor, weight: Tensor, g_code: Tensor, A: T
 
 
 def _backward_aurora(ctx, grad_out: Tensor, grad_z: Tensor | None):
-    x, weight, A, B, H, Ws, z, *dropped = ctx.saved_tensors
+    x, weight, A, B, H, Ws, z, *rest = ctx.saved_tensors
     xb, xa = _flat(x, weight, A)
-    keep, xa = dropped if dropped else (None, xa)
+    keep, xa = rest[:2] if ctx.dropped else (None, xa)
+    saved = _Anl(*rest[-5:]) if ctx.saved_anl else None
     r, need = A.shape[0], ctx.needs_input_grad
     g = grad_out.reshape(-1, weight.shape[0])
-    grads = adapter_grads(g.to(A.dtype), z.reshape(-1, r), B, H, Ws, *ctx.hyper, need[4:7])
+    grads = adapter_grads(g.to(A.dtype), z.reshape(-1, r), B, H, Ws, *ctx.hyper, need[4:7], saved)
     g_z = grads.g_z if grad_z is None else grads.g_z + grad_z.reshape(-1, r)
     grad_x, grad_w, grad_b = _base_grads(ctx, g, xb, weight, g_z, A, x, keep)
     grad_A = g_z.t() @ xa if need[3] else None
@@ -197,9 +206,9 @@ class AuroraLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):  # noqa: D102
-        output = aurora_linear_kernel(*inputs)
-        _setup_aurora(ctx, inputs, output)
-        return output
+        out, z, _, anl = _aurora_forward(*inputs, derivative=True)
+        _setup_aurora(ctx, inputs, (out, z), anl=anl)
+        return out, z
 
     @staticmethod
     def backward(ctx, grad_out, grad_z):  # noqa: D102
@@ -231,9 +240,9 @@ class AuroraLinearDropout(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):  # noqa: D102
-        out, z, xa = _aurora_forward(*inputs)
+        out, z, xa, anl = _aurora_forward(*inputs, derivative=True)
         keep, ctx.drop_scale = inputs[10:12]
-        _setup_aurora(ctx, inputs, (out, z), dropped=(keep, xa))
+        _setup_aurora(ctx, inputs, (out, z), dropped=(keep, xa), anl=anl)
         return out, z
 
     @staticmethod
