@@ -135,7 +135,7 @@ def _backward_aurora(ctx, grad_out: Tensor, grad_z: Tensor | None):
     x, weight, A, B, H, Ws, z, *rest = ctx.saved_tensors
     xb, xa = _flat(x, weight, A)
     keep, xa = rest[:2] if ctx.dropped else (None, xa)
-    saved = _Anl(*rest[-5:]) if ctx.saved_anl else None
+    saved = _Anl(*rest[-len(_Anl._fields):]) if ctx.saved_anl else None
     r, need = A.shape[0], ctx.needs_input_grad
     g = grad_out.reshape(-1, weight.shape[0])
     grads = adapter_grads(g.to(A.dtype), z.reshape(-1, r), B, H, Ws, *ctx.hyper, need[4:7], saved)
