@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from aurora_fx.functional import spline_dtype
+from aurora_fx.ops.skinny import tn
 
 __all__ = ["aurora_delta_add", "spline_basis", "first_centre", "adapter_grads", "AdapterGrads",
            "register_autocast"]
@@ -145,7 +146,7 @@ def adapter_grads(g: Tensor, z2: Tensor, B: Tensor, H: Tensor, Ws: Tensor, scale
     # Skinny GEMMs are fast on CPU only in the "(N,d)·(d,r) with a transposed (r,d) operand" and
     # "(r,N)·(N,d)" layouts (up to 8x faster than the naive forms), so the operands are arranged so.
     g_sigma = (g @ B.t().contiguous().t()).to(z2.dtype) * scale  # (N, r)
-    grad_B = (sigma.to(g.dtype).t() @ g).t() * scale if need[0] else None  # (d_out, r)
+    grad_B = tn(sigma.to(g.dtype), g).t() * scale if need[0] else None  # (d_out, r)
     # Fixed branch: f = tanh(tanh(z)·Hᵀ).
     g_pre = g_sigma * (1 - f * f)
     grad_H = g_pre.t() @ a if need[1] else None
@@ -165,7 +166,7 @@ def _backward(ctx, grad_out: Tensor, grad_z: Tensor | None):
     grads = adapter_grads(g, z2, B, H, Ws, *ctx.hyper, need[3:6])
     g_z = grads.g_z if grad_z is None else grads.g_z + grad_z.reshape(-1, r)
     grad_x = (g_z @ A).reshape(x.shape).to(x.dtype) if need[1] else None
-    grad_A = g_z.t() @ x2 if need[2] else None
+    grad_A = tn(g_z, x2) if need[2] else None
     grad_base = grad_out if need[0] else None
     return grad_base, grad_x, grad_A, grads.grad_B, grads.grad_H, grads.grad_Ws, None, None, None
 

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from aurora_fx.ops.aurora_delta import _Anl, _anl, adapter_grads, register_autocast
+from aurora_fx.ops.skinny import tn
 
 __all__ = ["aurora_linear", "lora_linear", "aurora_linear_kernel", "lora_linear_kernel", "AuroraLinear",
            "LoraLinear", "AuroraLinearDropout"]
@@ -141,7 +142,7 @@ def _backward_aurora(ctx, grad_out: Tensor, grad_z: Tensor | None):
     grads = adapter_grads(g.to(A.dtype), z.reshape(-1, r), B, H, Ws, *ctx.hyper, need[4:7], saved)
     g_z = grads.g_z if grad_z is None else grads.g_z + grad_z.reshape(-1, r)
     grad_x, grad_w, grad_b = _base_grads(ctx, g, xb, weight, g_z, A, x, keep)
-    grad_A = g_z.t() @ xa if need[3] else None
+    grad_A = tn(g_z, xa) if need[3] else None
     return grad_x, grad_w, grad_b, grad_A, grads.grad_B, grads.grad_H, grads.grad_Ws, None, None, None
 
 
@@ -187,8 +188,8 @@ def _backward_lora(ctx, grad_out: Tensor, grad_t: Tensor | None):
     if grad_t is not None:
         g_t = g_t + grad_t.reshape(-1, r)
     grad_x, grad_w, grad_b = _base_grads(ctx, g, xb, weight, g_t, A, x)
-    grad_A = g_t.t() @ xa if need[3] else None
-    grad_B = (t.reshape(-1, r).t() @ ga).t() * ctx.scale if need[4] else None
+    grad_A = tn(g_t, xa) if need[3] else None
+    grad_B = tn(t.reshape(-1, r), ga).t() * ctx.scale if need[4] else None
     return grad_x, grad_w, grad_b, grad_A, grad_B, None
 
 

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from aurora_fx.ops.aurora_delta import _anl, register_autocast
+from aurora_fx.ops.skinny import tn
 
 __all__ = ["lora_delta_add", "aurora_delta_add_inplace", "lora_delta_add_inplace"]
 
@@ -63,9 +64,9 @@ def _backward(ctx, grad_out: Tensor, grad_t: Tensor | None):
     g_t = (g @ B.t().contiguous().t()) * ctx.scale  # (N, r)
     if grad_t is not None:
         g_t = g_t + grad_t.reshape(-1, r)
-    grad_B = (t2.t() @ g).t() * ctx.scale if need[3] else None
+    grad_B = tn(t2, g).t() * ctx.scale if need[3] else None
     grad_x = (g_t @ A).reshape(x.shape).to(x.dtype) if need[1] else None
-    grad_A = g_t.t() @ x2 if need[2] else None
+    grad_A = tn(g_t, x2) if need[2] else None
     return (grad_out if need[0] else None), grad_x, grad_A, grad_B, None
 
 

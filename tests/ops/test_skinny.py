@@ -1,0 +1,36 @@
+"""``tn``: the blocked ``aᵀ·b`` equals the plain GEMM at every split, and is taken where it should be."""
+
+import pytest
+import torch
+
+from aurora_fx.ops import skinny
+from aurora_fx.ops.skinny import tn
+
+
+@pytest.mark.parametrize("n", [4096, 4099, 5000, 37])  # divisible, a remainder block, 16 blocks of 312, too small
+@pytest.mark.parametrize("r", [1, 2, 8])
+def test_tn_equals_the_plain_product(n, r):
+    g = torch.Generator().manual_seed(n + r)
+    a, b = torch.randn(n, r, generator=g, dtype=torch.float64), torch.randn(n, 300, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(tn(a, b), a.t() @ b, rtol=1e-12, atol=1e-10)
+
+
+def test_tn_blocks_large_cpu_products(monkeypatch):
+    """The batched form is the one that runs at adapter sizes (a broken split would fail the test above)."""
+    calls = []
+    real_sum = torch.Tensor.sum
+    monkeypatch.setattr(torch.Tensor, "sum", lambda self, *a, **k: calls.append(self.shape) or real_sum(self, *a, **k))
+    a, b = torch.randn(4096, 2), torch.randn(4096, 768)
+    tn(a, b)
+    assert calls == [torch.Size([16, 2, 768])]
+    calls.clear()
+    tn(a[:100], b[:100])  # small: the plain GEMM
+    assert calls == []
+
+
+def test_tn_bf16_and_the_threshold(monkeypatch):
+    a, b = torch.randn(1024, 2).bfloat16(), torch.randn(1024, 64).bfloat16()
+    monkeypatch.setattr(skinny, "MIN_ELEMENTS", 1)
+    out = tn(a, b)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), a.float().t() @ b.float(), rtol=2e-2, atol=0.2)
