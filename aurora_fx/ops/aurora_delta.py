@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from aurora_fx.functional import spline_dtype
-from aurora_fx.ops.skinny import tn
+from aurora_fx.ops.skinny import low_rank, low_rank_into, tn
 
 __all__ = ["aurora_delta_add", "spline_basis", "first_centre", "adapter_grads", "AdapterGrads",
            "register_autocast"]
@@ -109,7 +109,7 @@ def aurora_delta_add(
     up = (B * scale).t().contiguous()  # (r, d_out), scale folded into the tiny factor
     out = torch.empty_like(base, memory_format=torch.contiguous_format)
     if base2.dtype == sigma.dtype:
-        torch.addmm(base2, sigma, up, out=out.view(-1, d_out))  # accumulate into the output in one GEMM
+        low_rank_into(out.view(-1, d_out), sigma, up, base2)  # accumulate into the output in one pass
     else:
         torch.add(base2, (sigma @ up).to(base2.dtype), out=out.view(-1, d_out))
     return out, z
@@ -165,7 +165,7 @@ def _backward(ctx, grad_out: Tensor, grad_z: Tensor | None):
     x2, z2, g = x.reshape(-1, d_in).to(A.dtype), z.reshape(-1, r), grad_out.reshape(-1, d_out).to(A.dtype)
     grads = adapter_grads(g, z2, B, H, Ws, *ctx.hyper, need[3:6])
     g_z = grads.g_z if grad_z is None else grads.g_z + grad_z.reshape(-1, r)
-    grad_x = (g_z @ A).reshape(x.shape).to(x.dtype) if need[1] else None
+    grad_x = low_rank(g_z, A).reshape(x.shape).to(x.dtype) if need[1] else None
     grad_A = tn(g_z, x2) if need[2] else None
     grad_base = grad_out if need[0] else None
     return grad_base, grad_x, grad_A, grads.grad_B, grads.grad_H, grads.grad_Ws, None, None, None

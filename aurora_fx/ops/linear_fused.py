@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from aurora_fx.ops.aurora_delta import _Anl, _anl, adapter_grads, register_autocast
-from aurora_fx.ops.skinny import tn
+from aurora_fx.ops.skinny import low_rank, low_rank_into, tn
 
 __all__ = ["aurora_linear", "lora_linear", "aurora_linear_kernel", "lora_linear_kernel", "AuroraLinear",
            "LoraLinear", "AuroraLinearDropout"]
@@ -49,10 +49,7 @@ def _linear_plus(out2: Tensor, xb: Tensor, weight: Tensor, bias: Tensor | None, 
     the big GEMM then accumulates into it (``addmm_`` with beta 1 reads C inside the GEMM).
     """
     if t.dtype == out2.dtype:
-        if bias is not None:
-            torch.addmm(bias, t, up, out=out2)
-        else:
-            torch.mm(t, up, out=out2)
+        low_rank_into(out2, t, up, bias)
     else:
         out2.copy_(t @ up)
         if bias is not None:
@@ -121,7 +118,7 @@ def _base_grads(ctx, g: Tensor, xb: Tensor, weight: Tensor, g_code: Tensor, A: T
     need = ctx.needs_input_grad
     grad_x = None
     if need[0]:
-        part = g_code.to(A.dtype) @ A  # (N, d_in): the adapter's part first ...
+        part = low_rank(g_code.to(A.dtype), A)  # (N, d_in): the adapter's part first ...
         if keep is not None:
             part = torch.where(keep.reshape(part.shape), part, 0).mul_(ctx.drop_scale)
         grad_x = part.to(weight.dtype)

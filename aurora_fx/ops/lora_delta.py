@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from aurora_fx.ops.aurora_delta import _anl, register_autocast
-from aurora_fx.ops.skinny import tn
+from aurora_fx.ops.skinny import low_rank, low_rank_into, tn
 
 __all__ = ["lora_delta_add", "aurora_delta_add_inplace", "lora_delta_add_inplace"]
 
@@ -27,7 +27,7 @@ __all__ = ["lora_delta_add", "aurora_delta_add_inplace", "lora_delta_add_inplace
 def _accumulate(base2: Tensor, t: Tensor, up: Tensor, out: Tensor) -> None:
     """``out = base2 + t·up`` in one GEMM when the dtypes agree (out may be base2 itself)."""
     if base2.dtype == t.dtype:
-        torch.addmm(base2, t, up, out=out)
+        low_rank_into(out, t, up, base2)
     else:
         torch.add(base2, (t @ up).to(base2.dtype), out=out)
 
@@ -65,7 +65,7 @@ def _backward(ctx, grad_out: Tensor, grad_t: Tensor | None):
     if grad_t is not None:
         g_t = g_t + grad_t.reshape(-1, r)
     grad_B = tn(t2, g).t() * ctx.scale if need[3] else None
-    grad_x = (g_t @ A).reshape(x.shape).to(x.dtype) if need[1] else None
+    grad_x = low_rank(g_t, A).reshape(x.shape).to(x.dtype) if need[1] else None
     grad_A = tn(g_t, x2) if need[2] else None
     return (grad_out if need[0] else None), grad_x, grad_A, grad_B, None
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from aurora_fx.ops import skinny
-from aurora_fx.ops.skinny import tn
+from aurora_fx.ops.skinny import low_rank, low_rank_into, tn
 
 
 @pytest.mark.parametrize("n", [4096, 4099, 5000, 37])  # divisible, a remainder block, 16 blocks of 312, too small
@@ -34,3 +34,28 @@ def test_tn_bf16_and_the_threshold(monkeypatch):
     out = tn(a, b)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), a.float().t() @ b.float(), rtol=2e-2, atol=0.2)
+
+
+@pytest.mark.parametrize("r", [1, 2, 4, 5])  # the addcmul passes (r <= 4) and the GEMM
+@pytest.mark.parametrize("base", ["none", "bias", "matrix", "in place"])
+def test_low_rank_into_equals_addmm(r, base):
+    g = torch.Generator().manual_seed(r)
+    t, up = torch.randn(37, r, generator=g, dtype=torch.float64), torch.randn(r, 24, generator=g, dtype=torch.float64)
+    b = {"none": None, "bias": torch.randn(24, generator=g, dtype=torch.float64),
+         "matrix": torch.randn(37, 24, generator=g, dtype=torch.float64)}.get(base)
+    if base == "in place":
+        b = torch.randn(37, 24, generator=g, dtype=torch.float64)
+        expected, out = torch.addmm(b, t, up), b
+    else:
+        expected, out = (t @ up if b is None else torch.addmm(b, t, up)), torch.empty(37, 24, dtype=torch.float64)
+    assert low_rank_into(out, t, up, b) is out
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_low_rank_keeps_bf16_on_the_gemm(monkeypatch):
+    """bf16 would round once per rank in the addcmul passes: it takes the single GEMM."""
+    seen = []
+    monkeypatch.setattr(torch, "addcmul", lambda *a, **k: seen.append(1))
+    t, up = torch.randn(8, 2).bfloat16(), torch.randn(2, 4).bfloat16()
+    torch.testing.assert_close(low_rank(t, up), t @ up)
+    assert seen == []
