@@ -7,8 +7,9 @@ Schema::
 
 Returns ``(base + s·B·σ(A·x), z)`` with ``z = A·x``, the r̃-wide code, which the backward needs
 (returning it lets the op save ``x`` and ``z`` only, never the ``(N, r̃, G+K)`` spline tensors).
-The op takes the base linear's output and accumulates the adapter into it in one GEMM
-(``addmm``), instead of writing a separate delta and adding it, which saves a full pass over
+The op takes the base linear's output and accumulates the adapter into it in one pass
+(``addmm``; on CPU at r̃ ≤ 4 one ``addcmul`` per rank, ``aurora_fx.ops.skinny``), instead of
+writing a separate delta and adding it, which saves a full pass over
 the ``(N, d_out)`` output in the forward and another in the backward; the scale is folded into
 the tiny B. Only cubic splines (K = 3) on a uniform grid are fused: the basis is evaluated in
 its symmetric closed form ``(relu(2h − |z − c_k|)³ − 4·relu(h − |z − c_k|)³)/(6h³)`` (see
@@ -144,7 +145,8 @@ def adapter_grads(g: Tensor, z2: Tensor, B: Tensor, H: Tensor, Ws: Tensor, scale
     sigma, a, f, summed, slope = saved or _anl(z2, H, Ws, grid_lo, grid_step, derivative=True)
     ws = Ws.to(summed.dtype)
     # Skinny GEMMs are fast on CPU only in the "(N,d)·(d,r) with a transposed (r,d) operand" and
-    # "(r,N)·(N,d)" layouts (up to 8x faster than the naive forms), so the operands are arranged so.
+    # "(r,N)·(N,d)" layouts (up to 8x faster than the naive forms), so the operands are arranged so;
+    # the (r,N)·(N,d) reductions run blocked (ops.skinny.tn).
     g_sigma = (g @ B.t().contiguous().t()).to(z2.dtype) * scale  # (N, r)
     grad_B = tn(sigma.to(g.dtype), g).t() * scale if need[0] else None  # (d_out, r)
     # Fixed branch: f = tanh(tanh(z)·Hᵀ).

@@ -4,8 +4,9 @@ Schema::
 
     aurora_fx::lora_delta_add(Tensor base, Tensor x, Tensor A, Tensor B, float scale) -> (Tensor, Tensor)
 
-returns ``(base + s·B·A·x, A·x)``: the rank-r update is accumulated into the base output in one GEMM
-(``addmm``), the scale folded into the tiny ``B``, and ``t = A·x`` returned so the backward saves x
+returns ``(base + s·B·A·x, A·x)``: the rank-r update is accumulated into the base output in one pass
+(``addmm``, or one ``addcmul`` per rank at r ≤ 4 on CPU: ``aurora_fx.ops.skinny``), the scale
+folded into the tiny ``B``, and ``t = A·x`` returned so the backward saves x
 and t only. The adapter computes in its parameters' dtype and adds into ``base`` in base's.
 
 ``aurora_delta_add_inplace`` and ``lora_delta_add_inplace`` (``mutates_args={"base"}``) accumulate
@@ -25,7 +26,7 @@ __all__ = ["lora_delta_add", "aurora_delta_add_inplace", "lora_delta_add_inplace
 
 
 def _accumulate(base2: Tensor, t: Tensor, up: Tensor, out: Tensor) -> None:
-    """``out = base2 + t·up`` in one GEMM when the dtypes agree (out may be base2 itself)."""
+    """``out = base2 + t·up`` in one pass when the dtypes agree (out may be base2 itself)."""
     if base2.dtype == t.dtype:
         low_rank_into(out, t, up, base2)
     else:
