@@ -64,12 +64,14 @@ def spline_basis(z: Tensor, grid_lo: float, grid_step: float, num_bases: int,
     centres = torch.arange(num_bases, dtype=zs.dtype, device=z.device) * grid_step + first_centre(grid_lo, grid_step)
     v = zs.unsqueeze(-1) - centres
     dist = v.abs()
-    outer = (2 * grid_step - dist).clamp_min_(0)
-    inner = (grid_step - dist).clamp_min_(0)
+    outer = torch.rsub(dist, 2 * grid_step).clamp_min_(0)
+    inner = dist.neg_().add_(grid_step).clamp_min_(0)  # in place: dist is not needed again
     norm = 1.0 / (6 * grid_step**3)
-    outer2, inner2 = outer * outer, inner * inner
-    basis = (outer2 * outer - 4 * inner2 * inner) * norm
-    slope = (12 * inner2 - 3 * outer2).mul_(v.sign() * norm) if derivative else None
+    if not derivative:  # fewest passes over the (..., G+K) tensors: the forward of inference
+        return torch.sub(outer.pow_(3), inner.pow_(3), alpha=4).mul_(norm), None
+    outer2, inner2 = outer.square(), inner.square()
+    basis = torch.sub(outer2 * outer, inner2 * inner, alpha=4).mul_(norm)
+    slope = torch.sub(inner2, outer2, alpha=0.25).mul_(v.sign_().mul_(12 * norm))  # 12·inner² − 3·outer²
     return basis, slope
 
 
@@ -83,12 +85,22 @@ class _Anl(NamedTuple):
     slope: Tensor | None  # basis'(z_i), (N, r, G+K), when asked for
 
 
+def _channel_sum(basis: Tensor) -> Tensor:
+    """``basis.sum(-2)`` over the r̃ channels, as slice adds (about twice as fast as the strided reduction)."""
+    if basis.shape[-2] == 1:
+        return basis[..., 0, :].clone()
+    summed = basis[..., 0, :] + basis[..., 1, :]
+    for i in range(2, basis.shape[-2]):
+        summed += basis[..., i, :]
+    return summed
+
+
 def _anl(z: Tensor, H: Tensor, Ws: Tensor, grid_lo: float, grid_step: float, derivative: bool = False) -> _Anl:
     """σ(z): tanh branch plus the spline branch ``S(z)·Wsᵀ`` (the one place both passes compute it)."""
     tanh_z = torch.tanh(z)
     fixed = torch.tanh(tanh_z @ H.t())  # (N, r)
     basis, slope = spline_basis(z, grid_lo, grid_step, Ws.shape[1], derivative)  # (N, r, G+K)
-    summed = basis.sum(-2)
+    summed = _channel_sum(basis)
     sigma = fixed + (summed @ Ws.t().to(summed.dtype)).to(z.dtype)
     return _Anl(sigma, tanh_z, fixed, summed, slope)
 
