@@ -39,11 +39,16 @@ MAX_BLOCKS = 16
 MAX_ELEMENTWISE_RANK = 4  # ranks up to which low_rank_into runs one addcmul pass per rank
 
 
+def _blocked_kind(t: Tensor) -> bool:
+    """CPU float32/float64: the only tensors the split forms are for (bf16 partials would round before the sum)."""
+    return t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)
+
+
 def tn(a: Tensor, b: Tensor) -> Tensor:
     """``a.t() @ b`` for ``a`` (N, r) and ``b`` (N, d): a batched GEMM over row blocks on CPU, else one GEMM."""
     n = a.shape[0]
     blocks = min(MAX_BLOCKS, n // MIN_ROWS)
-    if a.device.type != "cpu" or b.numel() < MIN_ELEMENTS or blocks < 2:
+    if not _blocked_kind(a) or b.numel() < MIN_ELEMENTS or blocks < 2:
         return a.t() @ b
     m = n // blocks * blocks
     rows = m // blocks
@@ -59,7 +64,7 @@ def low_rank_into(out: Tensor, t: Tensor, up: Tensor, base: Tensor | None = None
     ``out`` may be ``base`` itself (an in-place update). All four in one dtype.
     """
     r = t.shape[1]
-    if out.device.type == "cpu" and 0 < r <= MAX_ELEMENTWISE_RANK and t.dtype in (torch.float32, torch.float64):
+    if _blocked_kind(t) and 0 < r <= MAX_ELEMENTWISE_RANK:
         if base is None:
             torch.mul(t[:, :1], up[0], out=out)
         else:
