@@ -121,10 +121,7 @@ def aurora_delta_add(
     base2 = base.reshape(-1, d_out)
     up = (B * scale).t().contiguous()  # (r, d_out), scale folded into the tiny factor
     out = torch.empty_like(base, memory_format=torch.contiguous_format)
-    if base2.dtype == sigma.dtype:
-        low_rank_into(out.view(-1, d_out), sigma, up, base2)  # accumulate into the output in one pass
-    else:
-        torch.add(base2, (sigma @ up).to(base2.dtype), out=out.view(-1, d_out))
+    low_rank_into(out.view(-1, d_out), sigma, up, base2)  # accumulate into the output in one pass
     return out, z
 
 

@@ -48,12 +48,7 @@ def _linear_plus(out2: Tensor, xb: Tensor, weight: Tensor, bias: Tensor | None, 
     The rank-r product (plus the bias) is written first, where the bias broadcast would go anyway;
     the big GEMM then accumulates into it (``addmm_`` with beta 1 reads C inside the GEMM).
     """
-    if t.dtype == out2.dtype:
-        low_rank_into(out2, t, up, bias)
-    else:
-        out2.copy_(t @ up)
-        if bias is not None:
-            out2.add_(bias)
+    low_rank_into(out2, t, up, bias)
     out2.addmm_(xb, weight.t())
 
 
@@ -115,12 +110,12 @@ def _base_grads(ctx, g: Tensor, xb: Tensor, weight: Tensor, g_code: Tensor, A: T
                 keep: Tensor | None = None):
     """``∂L/∂x = g·W + g_code·A`` (accumulated in place), ``∂L/∂W``, ``∂L/∂b`` when needed.
 
-    Under dropout the adapter's part is ``keep ⊙ g_code·(c·A)``, c = ``ctx.drop_scale`` (masked in place).
+    Under dropout the adapter's part is masked by ``keep`` in place (``g_code`` already carries the keep scale).
     """
     need = ctx.needs_input_grad
     grad_x = None
     if need[0]:
-        part = low_rank(g_code.to(A.dtype), A if keep is None else A * ctx.drop_scale)  # the adapter's part first ...
+        part = low_rank(g_code.to(A.dtype), A)  # (N, d_in): the adapter's part first ...
         if keep is not None:
             torch.where(keep.reshape(part.shape), part, part.new_zeros(()), out=part)
         grad_x = part.to(weight.dtype)
@@ -140,8 +135,10 @@ def _backward_aurora(ctx, grad_out: Tensor, grad_z: Tensor | None):
     g = grad_out.reshape(-1, weight.shape[0])
     grads = adapter_grads(g.to(A.dtype), z.reshape(-1, r), B, H, Ws, *ctx.hyper, need[4:7], saved)
     g_z = grads.g_z if grad_z is None else grads.g_z + grad_z.reshape(-1, r)
+    if ctx.dropped:  # z = c·A·xa: both of z's inputs see the keep scale c; apply it once, to the (N, r) g_z
+        g_z = g_z * ctx.drop_scale
     grad_x, grad_w, grad_b = _base_grads(ctx, g, xb, weight, g_z, A, x, keep)
-    grad_A = (tn(g_z, xa).mul_(ctx.drop_scale) if ctx.dropped else tn(g_z, xa)) if need[3] else None
+    grad_A = tn(g_z, xa) if need[3] else None
     return grad_x, grad_w, grad_b, grad_A, grads.grad_B, grads.grad_H, grads.grad_Ws, None, None, None
 
 

@@ -25,14 +25,6 @@ from aurora_fx.ops.skinny import low_rank, low_rank_into, tn
 __all__ = ["lora_delta_add", "aurora_delta_add_inplace", "lora_delta_add_inplace"]
 
 
-def _accumulate(base2: Tensor, t: Tensor, up: Tensor, out: Tensor) -> None:
-    """``out = base2 + t·up`` in one pass when the dtypes agree (out may be base2 itself)."""
-    if base2.dtype == t.dtype:
-        low_rank_into(out, t, up, base2)
-    else:
-        torch.add(base2, (t @ up).to(base2.dtype), out=out)
-
-
 @torch.library.custom_op("aurora_fx::lora_delta_add", mutates_args=())
 def lora_delta_add(base: Tensor, x: Tensor, A: Tensor, B: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """``(base + scale·B·A·x, A·x)``: the fused LoRA adapter (see the module docstring)."""
@@ -40,7 +32,7 @@ def lora_delta_add(base: Tensor, x: Tensor, A: Tensor, B: Tensor, scale: float) 
     t = x.new_empty(*x.shape[:-1], r, dtype=A.dtype)
     torch.mm(x.reshape(-1, d_in).to(A.dtype), A.t(), out=t.view(-1, r))
     out = torch.empty_like(base, memory_format=torch.contiguous_format)
-    _accumulate(base.reshape(-1, d_out), t.view(-1, r), (B * scale).t().contiguous(), out.view(-1, d_out))
+    low_rank_into(out.view(-1, d_out), t.view(-1, r), (B * scale).t().contiguous(), base.reshape(-1, d_out))
     return out, t
 
 
@@ -80,7 +72,7 @@ def lora_delta_add_inplace(base: Tensor, x: Tensor, A: Tensor, B: Tensor, scale:
     """``base += scale·B·A·x`` in place (``base`` contiguous; no autograd)."""
     base2 = base.view(-1, base.shape[-1])
     t = x.reshape(-1, x.shape[-1]).to(A.dtype) @ A.t()
-    _accumulate(base2, t, (B * scale).t().contiguous(), base2)
+    low_rank_into(base2, t, (B * scale).t().contiguous(), base2)
 
 
 @torch.library.custom_op("aurora_fx::aurora_delta_add_inplace", mutates_args={"base"})
@@ -90,4 +82,4 @@ def aurora_delta_add_inplace(base: Tensor, x: Tensor, A: Tensor, B: Tensor, H: T
     base2 = base.view(-1, base.shape[-1])
     z = x.reshape(-1, x.shape[-1]).to(A.dtype) @ A.t()
     sigma = _anl(z, H, Ws, grid_lo, grid_step).sigma
-    _accumulate(base2, sigma, (B * scale).t().contiguous(), base2)
+    low_rank_into(base2, sigma, (B * scale).t().contiguous(), base2)

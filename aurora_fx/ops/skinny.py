@@ -39,7 +39,7 @@ MAX_BLOCKS = 16
 MAX_ELEMENTWISE_RANK = 4  # ranks up to which low_rank_into runs one addcmul pass per rank
 
 
-def _blocked_kind(t: Tensor) -> bool:
+def _cpu_float(t: Tensor) -> bool:
     """CPU float32/float64: the only tensors the split forms are for (bf16 partials would round before the sum)."""
     return t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)
 
@@ -48,7 +48,7 @@ def tn(a: Tensor, b: Tensor) -> Tensor:
     """``a.t() @ b`` for ``a`` (N, r) and ``b`` (N, d): a batched GEMM over row blocks on CPU, else one GEMM."""
     n = a.shape[0]
     blocks = min(MAX_BLOCKS, n // MIN_ROWS)
-    if not _blocked_kind(a) or b.numel() < MIN_ELEMENTS or blocks < 2:
+    if not _cpu_float(a) or b.numel() < MIN_ELEMENTS or blocks < 2:
         return a.t() @ b
     m = n // blocks * blocks
     rows = m // blocks
@@ -61,10 +61,14 @@ def tn(a: Tensor, b: Tensor) -> Tensor:
 def low_rank_into(out: Tensor, t: Tensor, up: Tensor, base: Tensor | None = None) -> Tensor:
     """``out = base + t·up`` (``base`` broadcastable to out, or None) for ``t`` (N, r), ``up`` (r, d); returns out.
 
-    ``out`` may be ``base`` itself (an in-place update). All four in one dtype.
+    ``out`` may be ``base`` itself (an in-place update). ``t`` and ``up`` share a dtype; when ``out`` has
+    another (a float32 adapter on a bf16/fp16 base) the product is formed in t's dtype and added in out's.
     """
     r = t.shape[1]
-    if _blocked_kind(t) and 0 < r <= MAX_ELEMENTWISE_RANK:
+    if t.dtype != out.dtype:
+        product = (t @ up).to(out.dtype)
+        return out.copy_(product) if base is None else torch.add(base, product, out=out)
+    if _cpu_float(t) and 0 < r <= MAX_ELEMENTWISE_RANK:
         if base is None:
             torch.mul(t[:, :1], up[0], out=out)
         else:

@@ -60,3 +60,11 @@ def test_low_rank_keeps_bf16_on_the_gemm(monkeypatch):
     t, up = torch.randn(8, 2).bfloat16(), torch.randn(2, 4).bfloat16()
     torch.testing.assert_close(low_rank(t, up), t @ up)
     assert seen == []
+
+
+def test_low_rank_into_adds_a_float32_product_into_a_bf16_output():
+    t, up = torch.randn(37, 2), torch.randn(2, 24)
+    base = torch.randn(37, 24).bfloat16()
+    out = low_rank_into(torch.empty(37, 24, dtype=torch.bfloat16), t, up, base)
+    assert torch.equal(out, base + (t @ up).bfloat16())
+    assert torch.equal(low_rank_into(torch.empty_like(base), t, up), (t @ up).bfloat16())
