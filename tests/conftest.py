@@ -26,6 +26,19 @@ def _seed():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Every test starts and ends with dynamo's caches empty.
+
+    Compiled tests share code objects (the fused-op wrappers, HF forwards); without a reset, a test's
+    compiles count toward a later test's recompile limit, and ``fullgraph=True`` then fails depending
+    on the order the suite runs in.
+    """
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 def assert_close(actual, expected, dtype=None, **override):
     """``torch.testing.assert_close`` with the named tolerance of ``dtype`` (default: actual's)."""
     tol = dict(TOLERANCES[dtype if dtype is not None else actual.dtype])

@@ -8,10 +8,16 @@ a threshold, which costs about 8 ms with the scaling. The drop probability is th
 multiple of 2⁻¹⁶ (``effective_p``; 0.05 becomes 0.0500030…), and kept elements are scaled by
 ``1 / (1 - effective_p)`` so the expectation is exact.
 
-It is an ``nn.Dropout`` (``p``, ``training``, ``isinstance`` checks, ``eval()`` as the identity); masks
-come from torch's default generator, so ``torch.manual_seed`` reproduces them and activation
-checkpointing (which restores the RNG state) recomputes the same ones. On CUDA, and under
-``torch.compile`` or ``torch.export``, it is ``F.dropout`` (fast there, and traceable).
+**One mask, however the code runs.** The mask is the custom op ``aurora_fx::keep_mask`` (tagged
+``nondeterministic_seeded``): eager calls run its kernel directly, ``torch.compile`` and
+``torch.export`` see the op and call the same kernel at run time, and the partitioner never
+recomputes it inside a compiled backward. So the mask is one function of the generator's state on
+every path (eager, compiled, recomputed by activation checkpointing in either mode, on CPU and
+CUDA), and checkpointing, which restores that state, recomputes the mask the forward used. (An
+earlier version used ``F.dropout`` when traced and this mask eagerly: a layer compiled in the
+forward and recomputed eagerly in the backward then trained on gradients of another function.)
+
+It is an ``nn.Dropout`` (``p``, ``training``, ``isinstance`` checks, ``eval()`` as the identity).
 
 Example::
 
@@ -27,9 +33,10 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 __all__ = ["InputDropout", "effective_p", "keep_mask", "keep_scale"]
 
@@ -52,42 +59,81 @@ def keep_scale(p: float) -> float:
     return 1.0 / (1.0 - effective_p(p))
 
 
-def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device | str = "cpu") -> Tensor:
-    """A bool mask of ``shape``, each element kept with probability ``1 - effective_p(p)``."""
+def _draw(shape: Sequence[int], p: float, device: torch.device) -> Tensor:
+    """The mask kernel: 16 random bits per element from the default generator, kept when ``>= threshold``."""
     n = 1
     for size in shape:
         n *= size
     words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(1 << 63), None)  # full 64 bits
-    return words.view(torch.int16)[:n].view(shape) >= _threshold(p)
+    return words.view(torch.int16)[:n].view(tuple(shape)) >= _threshold(p)
 
 
-class _MaskedScale(torch.autograd.Function):
-    """``where(keep, x, 0) · s`` and its backward ``where(keep, g, 0) · s`` (the mask saved as bool)."""
+_ORDER: dict[torch.device, Tensor] = {}  # per device: a counter every mask draw writes to
 
-    @staticmethod
-    def forward(ctx, x: Tensor, p: float) -> Tensor:  # noqa: D102
-        keep = keep_mask(x.shape, p, x.device)
-        ctx.scale = keep_scale(p)
-        ctx.save_for_backward(keep)
-        return torch.where(keep, x, 0).mul_(ctx.scale)
 
-    @staticmethod
-    def backward(ctx, g: Tensor):  # noqa: D102
-        (keep,) = ctx.saved_tensors
-        return torch.where(keep, g, 0).mul_(ctx.scale), None
+def _order(device: torch.device) -> Tensor:
+    """The device's draw counter (a 0-d int64 tensor).
+
+    Draws from one generator depend on their order. Each traced draw increments this counter, so
+    compiled graphs see a chain of writes to one buffer and keep the draws in program order: inductor's
+    scheduler reorders independent extern calls (the masks of q_proj and v_proj, which read the same
+    input, came out swapped), and an ordered effect token did not stop it in torch 2.14.
+    """
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device not in _ORDER:
+        _ORDER[device] = torch.zeros((), dtype=torch.int64, device=device)
+    return _ORDER[device]
+
+
+@torch.library.custom_op("aurora_fx::keep_mask", mutates_args=("order",),
+                         tags=(torch.Tag.nondeterministic_seeded,))
+def _keep_mask_op(order: Tensor, shape: Sequence[int], p: float) -> Tensor:
+    """``keep_mask(Tensor(a!) order, SymInt[] shape, float p) -> Tensor``: a bool mask on ``order``'s device."""
+    order.add_(1)
+    return _draw(shape, p, order.device)
+
+
+@_keep_mask_op.register_fake
+def _(order: Tensor, shape: Sequence[int], p: float) -> Tensor:
+    return torch.empty(tuple(shape), dtype=torch.bool, device=order.device)
 
 
 def _tracing() -> bool:
     return torch.compiler.is_compiling() or torch.compiler.is_exporting()
 
 
+def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device | str = "cpu") -> Tensor:
+    """A bool mask of ``shape``, each element kept with probability ``1 - effective_p(p)``.
+
+    The op when traced, its kernel when eager: the same draws either way.
+    """
+    device = torch.device(device)
+    if _tracing():
+        return torch.ops.aurora_fx.keep_mask(_order(device), list(shape), p)
+    return _draw(shape, p, device)
+
+
+class _MaskedScale(torch.autograd.Function):
+    """``where(keep, x, 0) · s`` and its backward ``where(keep, g, 0) · s`` (the mask saved as bool)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, keep: Tensor, scale: float) -> Tensor:  # noqa: D102
+        ctx.scale = scale
+        ctx.save_for_backward(keep)
+        return torch.where(keep, x, 0).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # noqa: D102
+        (keep,) = ctx.saved_tensors
+        return torch.where(keep, g, 0).mul_(ctx.scale), None, None
+
+
 class InputDropout(nn.Dropout):
-    """``nn.Dropout`` with the cheap CPU mask described in the module docstring."""
+    """``nn.Dropout`` with the cheap mask described in the module docstring, on every device and path."""
 
     def forward(self, x: Tensor) -> Tensor:
-        """Identity in eval or at ``p = 0``; else the CPU mask, or ``F.dropout`` on CUDA/when traced."""
+        """Identity in eval or at ``p = 0``; else ``x ⊙ keep_mask · 1/(1-p)``."""
         if not self.training or self.p == 0:
             return x
-        if x.device.type != "cpu" or _tracing():
-            return F.dropout(x, self.p, True, self.inplace)
-        return _MaskedScale.apply(x, self.p)
+        return _MaskedScale.apply(x, keep_mask(x.shape, self.p, x.device), keep_scale(self.p))
