@@ -7,6 +7,7 @@ Example:
     >>> optimizer = torch.optim.AdamW(aurora_fx.trainable_parameters(model), lr=2e-3)
 """
 
+import aurora_fx.methods  # noqa: F401, I001  (registers the built-in methods: aurora, lora, aroma)
 from aurora_fx import export
 from aurora_fx.aroma import AromaCallback, AromaController
 from aurora_fx.checkpoint import load_adapters, save_adapters

@@ -21,6 +21,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from aurora_fx.adapter_record import install_record_hooks
 from aurora_fx.fastpaths import guard_fast_paths
 from aurora_fx.model_state import model_state, update_model_state
 from aurora_fx.owners import Binding, adapter_attr, build_owner, iter_bindings, owner_graph, owner_state, swap_module
@@ -147,8 +148,6 @@ def _commit(model: nn.Module, plans: list[OwnerPlan], trainable: tuple[str, ...]
         swap_module(model, plan.path, plan.module)
     guard_fast_paths(model, [p.path for p in plans])
     _freeze_base(model, trainable)
-    from aurora_fx.pretrained import install_record_hooks  # (import cycle: the record is the checkpoint header)
-
     install_record_hooks(model)
 
 

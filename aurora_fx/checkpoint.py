@@ -27,12 +27,12 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_save
 from torch import nn
 
+from aurora_fx.adapter_record import FORMAT, FORMAT_VERSION, adapter_metadata
 from aurora_fx.atomic import atomic_write_bytes
 from aurora_fx.attach import attach, resolve_trainable
 from aurora_fx.config import AdapterConfig
 from aurora_fx.distributed import full, is_main, model_class, world_size
 from aurora_fx.fingerprint import Fingerprint, differs, fingerprint
-from aurora_fx.model_state import model_state
 from aurora_fx.owners import iter_bindings
 from aurora_fx.passes.check import require
 from aurora_fx.passes.match import find_sites
@@ -43,8 +43,6 @@ from aurora_fx.tracing import get_submodule
 __all__ = ["save_adapters", "load_adapters", "load_checkpoint", "read_checkpoint", "adapter_metadata",
            "parse_metadata", "Checkpoint", "CheckpointError", "FORMAT", "load_module_tensors", "copy_values"]
 
-FORMAT = "aurora_fx.adapters"
-FORMAT_VERSION = 1
 DEFAULT_NAME = "adapters.safetensors"
 _META_KEY = "aurora_fx"
 
@@ -121,28 +119,6 @@ def save_adapters(model: nn.Module, path: str | os.PathLike, *, extra: dict[str,
     if world_size() > 1:
         torch.distributed.barrier()
     return target
-
-
-def adapter_metadata(model: nn.Module, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The JSON record of ``model``'s adapters (what ``save_adapters`` writes in its header).
-
-    It holds the format, the model class, per site its owner, parameter, adapter attribute, kind,
-    layout, shape, config, state and base-weight fingerprint, and the trainable modules.
-    """
-    sites = []
-    for owner, gm, b in iter_bindings(model):
-        adapter = gm.get_submodule(b.attr)
-        base = fingerprint(weight_out_in(gm._parameters[b.param], b.layout))
-        sites.append({
-            "path": b.site, "owner": owner, "param": b.param, "attr": b.attr, "kind": b.kind, "layout": b.layout,
-            "in_features": adapter.in_features, "out_features": adapter.out_features,
-            "config": adapter.config.to_dict(), "state": adapter.state(),
-            "base": base.to_dict() if base is not None else None,
-        })
-    state = model_state(model)
-    trainable = state.trainable_modules if state is not None else ()
-    return {"format": FORMAT, "format_version": FORMAT_VERSION, "model_class": model_class(model).__name__,
-            "sites": sites, "trainable_modules": list(trainable), "extra": extra or {}}
 
 
 def read_checkpoint(path: str | os.PathLike) -> Checkpoint:

@@ -71,6 +71,12 @@ def lora_config_from_peft(config: object) -> LoraConfig | None:
                       dropout=float(config.lora_dropout))
 
 
+def as_aurora_config(config: object) -> object:
+    """``config`` with a ``peft.LoraConfig`` replaced by its aurora_fx ``LoraConfig``; anything else unchanged."""
+    converted = lora_config_from_peft(config)
+    return config if converted is None else converted
+
+
 def peft_target_pattern(config: object) -> str | None:
     """PEFT's ``target_modules`` as an aurora_fx regex (None when not a ``peft.LoraConfig``).
 

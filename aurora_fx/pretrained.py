@@ -27,32 +27,10 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from aurora_fx.checkpoint import CheckpointError, adapter_metadata, load_checkpoint, parse_metadata
+from aurora_fx.adapter_record import RECORD_KEY
+from aurora_fx.checkpoint import CheckpointError, load_checkpoint, parse_metadata
 
-__all__ = ["from_pretrained", "install_record_hooks", "RECORD_KEY"]
-
-RECORD_KEY = "aurora_fx.adapters"  # the state_dict key of the adapter record
-_HOOKED = "_aurora_fx_record_hooks"
-
-
-def _add_record(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
-    meta = adapter_metadata(module)
-    if meta["sites"]:
-        data = bytearray(json.dumps(meta).encode())
-        state_dict[prefix + RECORD_KEY] = torch.frombuffer(data, dtype=torch.uint8).clone()
-
-
-def _drop_record(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
-    state_dict.pop(prefix + RECORD_KEY, None)
-
-
-def install_record_hooks(model: nn.Module) -> None:
-    """Make ``model.state_dict()`` carry the adapter record and ``load_state_dict`` drop it (once)."""
-    if not model.__dict__.get(_HOOKED):
-        model.register_state_dict_post_hook(_add_record)
-        model.register_load_state_dict_pre_hook(_drop_record)
-        model.__dict__[_HOOKED] = True
-
+__all__ = ["from_pretrained"]
 
 def _read_folder(folder: Path) -> tuple[dict | None, dict[str, torch.Tensor]]:
     """The adapter record and every tensor of the folder's safetensors files that belongs to it."""

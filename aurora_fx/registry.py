@@ -35,10 +35,6 @@ __all__ = [
 _ADAPTERS: dict[str, type] = {}
 
 
-def _ensure_builtins() -> None:
-    import aurora_fx.methods  # noqa: F401  (registers lora, aurora, aroma)
-
-
 def register_adapter(cls: type) -> type:
     """Class decorator: make ``cls`` the adapter of ``cls.config_class.method``.
 
@@ -67,8 +63,7 @@ def unregister_adapter(method: str) -> None:
 
 
 def method_names() -> tuple[str, ...]:
-    """Registered method names, in registration order (``aurora``, ``lora``, ``aroma``, then others)."""
-    _ensure_builtins()
+    """Registered method names, in registration order (the built-ins first, then user methods)."""
     return tuple(_ADAPTERS)
 
 
@@ -78,7 +73,6 @@ def adapter_class(method: str | AdapterConfig) -> type:
     Raises:
         ValueError: Unknown method (the message lists the registered ones).
     """
-    _ensure_builtins()
     name = method.method if isinstance(method, AdapterConfig) else method
     cls = _ADAPTERS.get(name) if isinstance(name, str) else None
     if cls is None:
@@ -94,7 +88,6 @@ def config_class(method: str) -> type[AdapterConfig]:
 
 def is_registered_adapter(module: object) -> bool:
     """True for instances of any registered adapter class."""
-    _ensure_builtins()
     return isinstance(module, tuple(_ADAPTERS.values()))
 
 
@@ -117,25 +110,21 @@ def make_config(
         rank: Overrides the method's default rank.
         alpha: Overrides the method's default alpha.
         dropout: Overrides the method's default dropout.
-        config: A ready config (an aurora_fx config, or a ``peft.LoraConfig``, converted); then
-            ``rank``/``alpha``/``dropout`` must be left unset.
+        config: A ready aurora_fx config (``apply`` converts a ``peft.LoraConfig`` first, with
+            ``aurora_fx.peft_import.as_aurora_config``); then ``rank``/``alpha``/``dropout`` must be unset.
 
     Raises:
         ValueError: Unknown method, invalid values, or both ``config`` and loose fields.
-        TypeError: ``config`` is neither an aurora_fx config nor a ``peft.LoraConfig``.
+        TypeError: ``config`` is not an aurora_fx config.
     """
     if config is not None:
         if any(v is not None for v in (rank, alpha, dropout)):
             raise ValueError("pass either config=... or rank/alpha/dropout, not both; put the values in the config")
         if isinstance(config, AdapterConfig):
             return config
-        from aurora_fx.peft_import import lora_config_from_peft
-
-        converted = lora_config_from_peft(config)
-        if converted is None:
-            kind = f"{type(config).__module__}.{type(config).__qualname__}"
-            raise TypeError(f"config must be an aurora_fx config ({', '.join(_config_names())}), got {kind}")
-        return converted
+        kind = f"{type(config).__module__}.{type(config).__qualname__}"
+        raise TypeError(f"config must be an aurora_fx config ({', '.join(_config_names())}) or a peft.LoraConfig, "
+                        f"got {kind}")
     if not isinstance(method, str):
         raise ValueError(f"unknown method {method!r}; choose one of {sorted(method_names())}")
     overrides = {k: v for k, v in (("rank", rank), ("alpha", alpha), ("dropout", dropout)) if v is not None}

@@ -21,6 +21,7 @@ from aurora_fx.owners import iter_bindings, iter_owners, owner_state, restore_or
 from aurora_fx.passes.check import select_requests
 from aurora_fx.passes.match import find_sites
 from aurora_fx.passes.pattern import Pattern, compile_pattern
+from aurora_fx.peft_import import as_aurora_config, peft_target_pattern
 from aurora_fx.records import weight_out_in
 from aurora_fx.registry import make_config
 
@@ -79,7 +80,7 @@ def apply(
             return aurora_delta_add[0]
     """
     pattern = _peft_pattern(config, pattern)
-    config = make_config(method, rank, alpha, dropout, config)
+    config = make_config(method, rank, alpha, dropout, as_aurora_config(config))
     matcher = compile_pattern(pattern)
     table = find_sites(model, matcher)
     requests = select_requests(model, table, matcher, config)
@@ -92,8 +93,6 @@ def _peft_pattern(config: object, pattern: Pattern) -> Pattern:
     if pattern is not None:
         return pattern
     if config is not None and not isinstance(config, AdapterConfig):
-        from aurora_fx.peft_import import peft_target_pattern
-
         found = peft_target_pattern(config)
         if found is not None:
             return found

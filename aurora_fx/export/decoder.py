@@ -48,6 +48,7 @@ from aurora_fx.export.onnx import (
     ExportVerificationError,
     _write,
     default_atol,
+    is_decoder,
 )
 
 __all__ = ["to_onnx_decoder", "OnnxGenerator", "DecoderSpec", "is_decoder", "position_ids"]
@@ -78,14 +79,6 @@ class DecoderSpec:
     def cache_names(self, stem: str) -> list[str]:
         """``<stem>.<layer>.key`` and ``.value`` for every layer."""
         return [f"{stem}.{i}.{kind}" for i in range(self.layers) for kind in ("key", "value")]
-
-
-def is_decoder(model: nn.Module) -> bool:
-    """An HF causal LM: it can generate and has a KV cache (``config.use_cache``)."""
-    config = getattr(model, "config", None)
-    can_generate = getattr(model, "can_generate", None)
-    return (config is not None and hasattr(config, "use_cache") and not getattr(config, "is_encoder_decoder", False)
-            and callable(can_generate) and bool(can_generate()))
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -40,7 +40,8 @@ from aurora_fx.export.translation import (
 from aurora_fx.passes.fuse import FUSED_LORA_OP, FUSED_OP
 from aurora_fx.surgery import merge as merge_adapters
 
-__all__ = ["to_onnx", "ExportResult", "ExportVerificationError", "run_onnx", "flatten_outputs", "output_names"]
+__all__ = ["to_onnx", "ExportResult", "ExportVerificationError", "run_onnx", "flatten_outputs", "output_names",
+           "is_decoder"]
 
 TWO_GB = 2 * 1024**3
 TRANSLATIONS = {FUSED_OP: aurora_delta_add_onnx, FUSED_LORA_OP: lora_delta_add_onnx,
@@ -321,10 +322,16 @@ def to_onnx(
         adapter_nodes=sum(any(m in n.name for m in ADAPTER_NODE_MARKS) for n in proto.graph.node), notes=notes)
 
 
+def is_decoder(model: nn.Module) -> bool:
+    """An HF causal LM: it can generate and has a KV cache (``config.use_cache``)."""
+    config = getattr(model, "config", None)
+    can_generate = getattr(model, "can_generate", None)
+    return (config is not None and hasattr(config, "use_cache") and not getattr(config, "is_encoder_decoder", False)
+            and callable(can_generate) and bool(can_generate()))
+
+
 def _cache_off(model: nn.Module, kwargs: dict[str, Any]) -> tuple[str, ...]:
     """A decoder's KV cache object cannot be a graph output: turn it off (and say so) unless asked."""
-    from aurora_fx.export.decoder import is_decoder
-
     if not is_decoder(model) or "use_cache" in kwargs:
         return ()
     kwargs["use_cache"] = False
