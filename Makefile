@@ -1,4 +1,7 @@
-# aurora_fx: `make demo` and `make test` each create .venv when missing, install, and run.
+# aurora_fx: `make demo` and `make test` each create .venv when missing, install the locked versions
+# (requirements.lock: every direct and transitive package the suite passed with), and run.
+# `make lock` regenerates the lock with pip-tools; `make test-latest` installs the newest versions the
+# ranges in pyproject.toml allow into .venv-latest and runs the suite there (not in CI).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -7,18 +10,36 @@ PIP    := $(VENV)/bin/pip -q --disable-pip-version-check
 # silently swap torch builds).
 PIN    := -c constraints.txt
 STAMP  := $(VENV)/.aurora_fx-installed
+LOCK   := requirements.lock
+LATEST ?= .venv-latest
+LOCKENV ?= .venv-lock
 PYTEST_ARGS ?=
+VERSIONS := import torch, timm, transformers, onnxruntime, peft; print('installed: torch', torch.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__, '| timm', timm.__version__, '| onnxruntime', onnxruntime.__version__)
 
-.PHONY: demo test lint bench clean install
+.PHONY: demo test lint bench clean install lock test-latest
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install $(PIN) torch==2.14.1 torchvision==0.29.1
-	$(PIP) install $(PIN) -e '.[dev,data]'
-	$(PY) -c "import torch, timm, transformers, onnxruntime; print('installed: torch', torch.__version__, '| transformers', transformers.__version__, '| timm', timm.__version__, '| onnxruntime', onnxruntime.__version__)"
+	$(PIP) install $(PIN) -r $(LOCK)
+	$(PIP) install $(PIN) --no-deps -e .
+	$(PY) -c "$(VERSIONS)"
 	touch $(STAMP)
+
+# The lock: pip-tools resolves pyproject.toml (extras dev and data) under the torch pins.
+lock:
+	test -x $(LOCKENV)/bin/pip-compile || ($(PYTHON) -m venv $(LOCKENV) && $(LOCKENV)/bin/pip -q install pip-tools)
+	$(LOCKENV)/bin/pip-compile -q --upgrade --extra dev --extra data $(PIN) --strip-extras --no-emit-index-url \
+		--no-emit-find-links -o $(LOCK) pyproject.toml
+
+# The newest versions the ranges allow (a fresh .venv-latest each time), then the whole suite.
+test-latest:
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/pip -q --disable-pip-version-check install $(PIN) --upgrade -e '.[dev,data]'
+	$(LATEST)/bin/python -c "$(VERSIONS)"
+	$(LATEST)/bin/python -m pytest $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(VENV)/bin/aurora-fx demo
@@ -33,4 +54,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_adapter.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) $(LATEST) $(LOCKENV) .pytest_cache .hypothesis

@@ -1,6 +1,9 @@
 """Decoder LLMs to ONNX the way they are served: the KV cache as graph inputs and outputs.
 
-``to_onnx_decoder(model, path)`` exports one graph for any HF causal LM (GPT-2, Llama, Qwen2, ...):
+``to_onnx_decoder(model, folder)`` exports one graph for any HF causal LM (GPT-2, Llama, Qwen2, ...), in
+a folder that onnxruntime-genai (``og.Model(folder)``) and optimum (``ORTModelForCausalLM.from_pretrained``)
+load as it is (``aurora_fx.export.serving_folder``: ``genai_config.json``, ``config.json``,
+``generation_config.json``, the tokenizer's files when one is passed). The graph:
 
 * inputs ``input_ids`` (batch, seq), ``attention_mask`` (batch, past + seq), ``position_ids``
   (batch, seq) and ``past_key_values.{i}.key`` / ``.value`` (batch, kv_heads, past, head_dim) for
@@ -16,9 +19,13 @@ equal to HF ``generate(do_sample=False)`` token for token, left padding included
 ``swappable=True`` the adapter weights become overridable inputs (``export.save_adapter_weights``
 writes one file per fine-tune), so one decoder graph serves several fine-tunes.
 
+Checked in the suite: ``og.Model`` loads the folder of a Llama and a Qwen2 config and gives HF
+``generate``'s greedy tokens (batch 1, and a left-padded batch of 2); with ``swappable=True``, each
+fine-tune's ``.onnx_adapter`` file through ``og.Adapters`` gives that fine-tune's tokens.
+
 Example:
-    >>> aurora_fx.export.to_onnx_decoder(model, "llm.onnx")
-    >>> gen = aurora_fx.export.OnnxGenerator("llm.onnx")
+    >>> aurora_fx.export.to_onnx_decoder(model, "llm", tokenizer=tokenizer)   # llm/model.onnx + folder files
+    >>> gen = aurora_fx.export.OnnxGenerator("llm/model.onnx")
     >>> gen.generate(tokenizer("Hello", return_tensors="pt")["input_ids"], max_new_tokens=32)
 """
 
@@ -50,6 +57,7 @@ from aurora_fx.export.onnx import (
     default_atol,
     is_decoder,
 )
+from aurora_fx.export.serving_folder import write_serving_files
 
 __all__ = ["to_onnx_decoder", "OnnxGenerator", "DecoderSpec", "is_decoder", "position_ids"]
 
@@ -197,18 +205,20 @@ def _masked_diff(got: np.ndarray, expected: np.ndarray, mask: np.ndarray, is_cac
 
 
 def to_onnx_decoder(model: nn.Module, path: str | os.PathLike, *, verify: bool = True, swappable: bool = False,
-                    atol: float | None = None) -> ExportResult:
-    """Export an HF causal LM with its KV cache as inputs and outputs (see the module docstring).
+                    atol: float | None = None, tokenizer: Any = None) -> ExportResult:
+    """Export an HF causal LM with its KV cache as inputs and outputs, in a serving folder (module docstring).
 
     Args:
         model: An HF decoder (adapted or not); exported in eval mode, not modified.
-        path: The ``.onnx`` file, written atomically (one file; the decoder spec in its metadata).
+        path: A folder (the graph is ``<folder>/model.onnx``), or the ``.onnx`` file itself (the folder
+            files go beside it). Each file is written atomically; the decoder spec is in the graph's metadata.
         verify: Check prefill and decode steps in onnxruntime against PyTorch.
         swappable: Adapter weights as overridable inputs with zero defaults (``to_onnx_swappable``).
         atol: Verification tolerance (default 1e-4; 3e-2 for bf16/fp16 models).
+        tokenizer: An HF tokenizer whose files are saved into the folder too.
 
     Returns:
-        An ``ExportResult``; ``max_abs_diff`` is keyed by (batch, seq, past).
+        An ``ExportResult``; ``max_abs_diff`` is keyed by (batch, seq, past); ``files`` are the folder files.
     """
     if not is_decoder(model):
         raise ValueError(f"{type(model).__name__} is not an HF causal LM with a KV cache (it needs generate() and "
@@ -229,14 +239,16 @@ def to_onnx_decoder(model: nn.Module, path: str | os.PathLike, *, verify: bool =
 
         weights = adapter_tensors(exported)
         make_overridable(proto, exported)
-    target = Path(path)
+    target = Path(path) if Path(path).suffix == ".onnx" else Path(path) / "model.onnx"
     size = _write(_Saved(proto), target, None)
+    files = write_serving_files(exported, spec, target, tokenizer)
     diffs = _verify(flat, spec, target, dtype, default_atol(model) if atol is None else atol, weights) if verify else {}
     return ExportResult(path=target, input_names=tuple(spec.input_names()), output_names=tuple(spec.output_names()),
                         dynamic_axes={"input_ids": ("batch", "seq"), "attention_mask": ("batch", "past+seq")},
                         max_abs_diff=diffs, seconds=seconds, bytes=size,
                         op_counts=_op_counts(proto),
-                        adapter_nodes=sum(any(m in n.name for m in ADAPTER_NODE_MARKS) for n in proto.graph.node))
+                        adapter_nodes=sum(any(m in n.name for m in ADAPTER_NODE_MARKS) for n in proto.graph.node),
+                        files=files)
 
 
 def _strip_prefix(proto: onnx.ModelProto, prefix: str) -> None:

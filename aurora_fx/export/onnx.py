@@ -69,6 +69,7 @@ class ExportResult:
         op_counts: ONNX op type → count in the main graph.
         adapter_nodes: Nodes coming from the fused AuroRA ops.
         notes: What the exporter decided for you (e.g. a decoder exported without its KV cache).
+        files: Every other file written beside the graph (``to_onnx_decoder``'s serving folder).
     """
 
     path: Path
@@ -81,6 +82,7 @@ class ExportResult:
     op_counts: dict[str, int] = field(default_factory=dict)
     adapter_nodes: int = 0
     notes: tuple[str, ...] = ()
+    files: tuple[Path, ...] = ()
 
 
 def flatten_outputs(outputs: Any) -> list[torch.Tensor]:
