@@ -4,8 +4,16 @@
 under PEFT's names, which vLLM, SGLang, TGI, onnxruntime-genai (through Olive) and PEFT load.
 
 * ``mode="exact"`` (the default for LoRA and AROMA): each adapter's update written as LoRA factors
-  with no change at all. LoRA keeps its r and α; AROMA writes its compacted stored factors (and a
-  trained active piece) with a per-site rank and scale 1 (``rank_pattern``, ``alpha_pattern``).
+  with no change at all. LoRA keeps its r; AROMA writes its compacted stored factors (and a trained
+  active piece) with a per-site rank (``rank_pattern``).
+
+**One scale rule every server reads the same way.** The folder has one ``lora_alpha`` and never an
+``alpha_pattern``: llama.cpp's converter keeps only the global ``lora_alpha`` and silently scales every
+site by it. A site whose own scale ``s_i`` differs from ``lora_alpha / r_i`` has the ratio folded into
+its ``lora_B`` (``lora_alpha`` is the most common per-site ``s_i·r_i``, so most ``lora_B`` are written as
+they are), and PEFT, vLLM and llama.cpp all compute ``s_i·B_i·A_i``. ``bias=True`` (PEFT's ``lora_bias``)
+and ``modules_to_save`` other than a classification head make a folder that only PEFT serves: vLLM
+refuses both, and llama.cpp's converter refuses the bias; ``to_peft`` warns and names them.
 * ``mode="static"`` (AuroRA): the paper's static merge ``ΔW = s·B·σ(Aᵀ)ᵀ`` (docs/methods.md §2.6), rank
   ≤ r̃, as ``lora_B = s·B``, ``lora_A = σ(Aᵀ)ᵀ``. It drops σ's dependence on the input (σ is applied to
   A's columns, not to A·x) and the input-independent bias ``B·σ(0)``; ``aurora_fx.merge(lossy=True)``
@@ -35,6 +43,7 @@ import json
 import logging
 import os
 import re
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -253,24 +262,53 @@ def to_peft(model: nn.Module, folder: str | os.PathLike, mode: str | None = None
     adapters = _bindings(model)
     mode = mode or _default_mode(adapters)
     written = _factors(model, adapters, mode, calibration, rank, bias)
-    tensors, sites, ranks, alphas = {}, [], {}, {}
-    for _, a, b in adapters:
+    kept = [(a, b) for _, a, b in adapters if written[b.site][0] is not None and written[b.site][0].A.shape[0] > 0]
+    ranks = {b.site: written[b.site][0].A.shape[0] for _, b in kept}  # (an AROMA site that never grew is no target)
+    alpha = _common({site: written[site][0].scale * r for site, r in ranks.items()})
+    tensors, sites = {}, []
+    for a, b in kept:
         factors, c, how, record = written[b.site]
-        if factors is None or factors.A.shape[0] == 0:
-            continue  # an empty update (an AROMA site that never grew) is no LoRA target
-        key = PEFT_PREFIX + b.site
-        tensors[f"{key}.lora_A.weight"] = full(factors.A).float().contiguous().cpu()
-        tensors[f"{key}.lora_B.weight"] = full(factors.B).float().contiguous().cpu()
-        if c is not None:
-            tensors[f"{key}.lora_B.bias"] = (c / factors.scale).float().contiguous()
-        ranks[b.site], alphas[b.site] = factors.A.shape[0], factors.scale * factors.A.shape[0]
+        tensors.update(_site_tensors(PEFT_PREFIX + b.site, factors, c, alpha / ranks[b.site]))
         sites.append(SiteExport(b.site, a.method, ranks[b.site], how, **record))
     tensors.update(_saved_modules(model))
-    config = _config(model, adapters, ranks, alphas, bias and mode == "fit")
+    config = _config(model, adapters, ranks, alpha, bias and mode == "fit")
+    _warn_peft_only(config)
     _write(Path(folder), config, tensors)
     result = PeftExport(Path(folder), mode, tuple(sites), config)
     logger.info("%s", result)
     return result
+
+
+def _site_tensors(key: str, factors: LoraFactors, c: torch.Tensor | None, peft_scale: float) -> dict[str, torch.Tensor]:
+    """One site's ``lora_A``/``lora_B`` (and ``lora_B.bias``) under PEFT's scale ``lora_alpha / r``.
+
+    The site's own scale is folded into ``lora_B`` where it differs, so ``peft_scale·B'·A = s·B·A``.
+    """
+    fold = factors.scale / peft_scale
+    lora_b = full(factors.B).float() if fold == 1.0 else full(factors.B).double().mul(fold).float()
+    out = {f"{key}.lora_A.weight": full(factors.A).float().contiguous().cpu(),
+           f"{key}.lora_B.weight": lora_b.contiguous().cpu()}
+    if c is not None:
+        out[f"{key}.lora_B.bias"] = (c.double() / peft_scale).float().contiguous()
+    return out
+
+
+# A classification head is the one module vLLM's LoRA loader takes from modules_to_save.
+_HEAD_NAMES = ("classifier", "score")
+
+
+def _warn_peft_only(config: dict) -> None:
+    """Warn when the folder holds what only PEFT serves (a LoRA bias, a saved module that is not a head)."""
+    reasons = []
+    if config["lora_bias"]:
+        reasons.append("lora_bias (bias=True): vLLM refuses it ('vLLM does not support LoRA bias') and llama.cpp's "
+                       "convert_lora_to_gguf.py cannot convert it")
+    others = [m for m in config["modules_to_save"] or () if m.split(".")[-1] not in _HEAD_NAMES]
+    if others:
+        reasons.append(f"modules_to_save {others}: vLLM takes only a classifier/score head from modules_to_save")
+    if reasons:
+        warnings.warn("this PEFT folder serves in PEFT only: " + "; ".join(reasons) + ". Export with bias=False "
+                      "and without those trainable modules for vLLM and llama.cpp", UserWarning, stacklevel=3)
 
 
 def _saved_modules(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -290,8 +328,8 @@ def _common(values: dict[str, float]) -> float:
     return max(counts, key=lambda v: (counts[v], -v))
 
 
-def _config(model: nn.Module, adapters, ranks: dict[str, int], alphas: dict[str, float], lora_bias: bool) -> dict:
-    r, alpha = _common(ranks), _common(alphas)
+def _config(model: nn.Module, adapters, ranks: dict[str, int], alpha: float, lora_bias: bool) -> dict:
+    r = _common(ranks)
     kinds = {b.kind for _, _, b in adapters if b.site in ranks}
     state = model_state(model)
     cls = model_class(model)
@@ -300,7 +338,6 @@ def _config(model: nn.Module, adapters, ranks: dict[str, int], alphas: dict[str,
         "target_modules": sorted(ranks), "lora_dropout": 0.0, "bias": "none", "lora_bias": lora_bias,
         "use_rslora": False, "use_dora": False, "fan_in_fan_out": "conv1d" in kinds, "init_lora_weights": True,
         "rank_pattern": {re.escape(s): int(v) for s, v in ranks.items() if v != r},
-        "alpha_pattern": {re.escape(s): float(v) for s, v in alphas.items() if v != alpha},
         "modules_to_save": list(state.trainable_modules) if state is not None and state.trainable_modules else None,
         "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
         "inference_mode": True, "revision": None,

@@ -70,17 +70,54 @@ def test_lora_and_aroma_export_exactly_and_real_peft_gives_our_outputs(name, met
         assert_close(case.output(back.eval()(**inputs)), expected, atol=1e-5)
 
 
-def test_aroma_sites_write_their_own_rank_and_scale_one(tmp_path):
-    _, _, model = _adapted("llama", "aroma")
+def _site_rank(config: dict, site: str) -> int:
+    return next((v for k, v in config["rank_pattern"].items() if k.replace("\\", "") == site), config["r"])
+
+
+def test_aroma_sites_write_their_own_rank_and_one_alpha(tmp_path):
+    case, base, model = _adapted("llama", "aroma")
     _grow_aroma(model)
+    with torch.no_grad():  # sites of different ranks: one compacts to rank 1
+        site = model.model.layers[0].self_attn.q_proj.adapter
+        site.U, site.V = site.U[:, :1].clone(), site.V[:1].clone()  # (out, k), (k, in)
     to_peft(model, tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     ranks = {a.path: a.rank for a in aurora_fx.adapters(model)}
-    for site, rank in ranks.items():
-        r = next((v for k, v in config["rank_pattern"].items() if k.replace("\\", "") == site), config["r"])
-        alpha = next((v for k, v in config["alpha_pattern"].items() if k.replace("\\", "") == site),
-                     config["lora_alpha"])
-        assert r == rank and alpha == rank  # scale α/r = 1: the factors carry the scale
+    assert len(set(ranks.values())) > 1
+    assert "alpha_pattern" not in config  # llama.cpp reads only lora_alpha: the scales live in lora_B
+    assert {site: _site_rank(config, site) for site in ranks} == ranks
+    inputs = case.inputs(2, 6)
+    with torch.no_grad():
+        assert_close(case.output(_load_with_peft(base, tmp_path)(**inputs)), case.output(model.eval()(**inputs)),
+                     atol=1e-5)
+
+
+def test_lora_with_two_alphas_folds_the_scales_into_lora_b(tmp_path):
+    case = CASES["llama"]
+    torch.manual_seed(0)
+    base = case.build()
+    model = aurora_fx.apply(copy.deepcopy(base), "q_proj", method="lora", rank=4, alpha=8.0)
+    aurora_fx.apply(model, "v_proj", method="lora", rank=2, alpha=16.0)
+    randomize_adapters(model, std=0.1)
+    to_peft(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert "alpha_pattern" not in config and config["lora_alpha"] in (8.0, 16.0)  # the per-site s·r are 8 and 16
+    inputs = case.inputs(2, 6)
+    with torch.no_grad():
+        expected = case.output(model.eval()(**inputs))
+        assert_close(case.output(_load_with_peft(base, tmp_path)(**inputs)), expected, atol=1e-5)
+        back = aurora_fx.load_peft_lora(copy.deepcopy(base), tmp_path)  # and back into aurora_fx
+        assert_close(case.output(back.eval()(**inputs)), expected, atol=1e-5)
+
+
+def test_a_folder_only_peft_serves_is_written_with_a_warning_that_names_the_servers(tmp_path):
+    case, base, model = _adapted("bert", "aurora")
+    calibration = [case.inputs(4, 12) for _ in range(4)]
+    with pytest.warns(UserWarning, match=r"PEFT only: lora_bias.*vLLM refuses.*llama\.cpp"):
+        to_peft(model, tmp_path / "bias", mode="fit", calibration=calibration, bias=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a plain folder: no warning
+        to_peft(model, tmp_path / "plain", mode="fit", calibration=calibration)
 
 
 def test_aurora_static_equals_the_lossy_merge_and_exact_mode_is_refused(tmp_path):
@@ -100,7 +137,9 @@ def test_aurora_fit_is_never_worse_than_static_on_the_calibration_inputs(bias, t
     case, base, model = _adapted("bert", "aurora")
     torch.manual_seed(1)
     calibration = [case.inputs(4, 12) for _ in range(8)]
-    result = to_peft(model, tmp_path, mode="fit", calibration=calibration, rank=4, bias=bias)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "this PEFT folder serves in PEFT only")  # (bias=True: tested below)
+        result = to_peft(model, tmp_path, mode="fit", calibration=calibration, rank=4, bias=bias)
     assert len(result.sites) == 4 and "held-out error" in str(result)
     for site in result.sites:
         assert site.calibration_error <= site.static_calibration_error + 1e-9
