@@ -16,7 +16,7 @@ LOCKENV ?= .venv-lock
 PYTEST_ARGS ?=
 VERSIONS := import torch, timm, transformers, onnxruntime, peft; print('installed: torch', torch.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__, '| timm', timm.__version__, '| onnxruntime', onnxruntime.__version__)
 
-.PHONY: demo test lint bench clean install lock test-latest
+.PHONY: demo test lint bench clean install lock test-latest clients
 
 install: $(STAMP)
 
@@ -52,6 +52,11 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_adapter.py
+
+# The serving folders loaded by the real clients (vLLM, optimum-onnx, llama.cpp), each in its own virtualenv
+# under ~/.cache/aurora_fx/clients (built once: about 25 minutes); writes benchmarks/results/clients.json.
+clients: $(STAMP)
+	$(PY) benchmarks/clients.py
 
 clean:
 	rm -rf $(VENV) $(LATEST) $(LOCKENV) .pytest_cache .hypothesis

@@ -7,6 +7,7 @@ import os
 import platform
 import random
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -61,6 +62,18 @@ def environment() -> dict:
     return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
             "machine": platform.machine(), "python": platform.python_version(),
             "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def git_commit() -> str:
+    """The checkout's commit (short hash, ``+dirty`` with uncommitted changes), for results files."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD") or "unknown"
+        return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except OSError:
+        return "unknown"
 
 
 def write_json(name: str, payload: dict) -> Path:
