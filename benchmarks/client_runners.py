@@ -28,7 +28,8 @@ def _vllm(spec: dict) -> dict:
         out = llm.generate({"prompt_token_ids": spec["prompt"]}, params,
                            lora_request=LoRARequest(name, i + 1, folder))[0].outputs[0]
         tokens = list(out.token_ids)
-        results[name] = {"tokens": tokens, "logprobs": [step[t].logprob for step, t in zip(out.logprobs, tokens, strict=False)]}
+        logprobs = [step[t].logprob for step, t in zip(out.logprobs, tokens, strict=False)]
+        results[name] = {"tokens": tokens, "logprobs": logprobs}
     return results
 
 
