@@ -5,7 +5,8 @@ One random Llama config (hidden 128, 2 layers), a fixed prompt, 16 greedy tokens
 * ``lora_exact``: LoRA r=4 on q_proj (α=8) and r=2 on v_proj (α=16), ``to_peft`` exact (one ``lora_alpha``,
   the other scale folded into ``lora_B``);
 * ``aurora_fit``: AuroRA r̃=2 on q/v, ``to_peft(mode="fit")`` on random calibration batches;
-* ``aroma_exact``: AROMA grown by two merges, per-site ranks, ``to_peft`` exact;
+* ``aroma_exact``: AROMA grown by two merges (one site cut back to one stored piece, so ranks differ per
+  site: ``rank_pattern``), ``to_peft`` exact;
 * ``onnx``: ``to_onnx_decoder`` of the AuroRA model (optimum's ``ORTModelForCausalLM``).
 
 The reference is HF transformers + real PEFT on the same folder (for ``onnx``: aurora_fx's model itself).
@@ -45,7 +46,7 @@ def _base():
     model = LlamaForCausalLM(LlamaConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
                                          num_key_value_heads=2, intermediate_size=256, vocab_size=512,
                                          max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
-                                         pad_token_id=0)).eval()
+                                         pad_token_id=0, initializer_range=0.15)).eval()  # peaked logits
     model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0)
     return model
 
@@ -70,6 +71,8 @@ def _models(base):
         _randomize(aroma, 0.05)
         controller._outer_step()  # merge the piece: per-site stored factors
     _randomize(aroma, 0.05)
+    site = aroma.model.layers[0].self_attn.q_proj.adapter  # one site compacted to rank 1: per-site ranks
+    site.U, site.V = site.U[:, :1].clone(), site.V[:1].clone()  # (out, k), (k, in)
     return lora, aurora, aroma
 
 
