@@ -1,7 +1,7 @@
 """The adapter record: the JSON description of a model's adapters, and the hooks that carry it.
 
 The record (format, model class, per site its owner, parameter, adapter attribute, kind, layout,
-shape, config, state and base-weight fingerprint, and the trainable modules) is the header of an
+shape, config, state, stored tensor names and base-weight fingerprint, and the trainable modules) is the header of an
 ``adapters.safetensors`` checkpoint (``aurora_fx.checkpoint``), and ``attach`` installs state-dict
 hooks so that ``model.state_dict()`` carries it under ``RECORD_KEY`` too: HF's ``save_pretrained``
 then writes it, and ``aurora_fx.from_pretrained`` reads it back (``aurora_fx.pretrained``).
@@ -62,6 +62,7 @@ def adapter_metadata(model: nn.Module, extra: dict[str, Any] | None = None) -> d
             "path": b.site, "owner": owner, "param": b.param, "attr": b.attr, "kind": b.kind, "layout": b.layout,
             "in_features": adapter.in_features, "out_features": adapter.out_features,
             "config": adapter.config.to_dict(), "state": adapter.state(),
+            "tensors": sorted(adapter.stored_tensors()),  # (a state dict also holds a frozen piece's dead A, B)
             "base": base.to_dict() if base is not None else None,
         })
     state = model_state(model)

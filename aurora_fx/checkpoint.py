@@ -66,6 +66,7 @@ class SiteEntry:
     state: dict[str, Any] = field(default_factory=dict)
     attr: str = ""  # the adapter's attribute in its owner (state_dict keys: <owner>.<attr>.<tensor>)
     base: dict[str, Any] | None = None  # fingerprint of the base weight when saved
+    tensors: tuple[str, ...] = ()  # the adapter's stored tensor names (empty in older checkpoints)
 
 
 @dataclass(frozen=True)
@@ -156,7 +157,8 @@ def parse_metadata(target: Path, meta: dict[str, Any], tensors: dict[str, torch.
                               f"{meta.get('format_version')!r}; this aurora_fx reads {FORMAT!r} "
                               f"version {FORMAT_VERSION}")
     try:
-        sites = tuple(SiteEntry(**{**s, "config": config_from_dict(s["config"])}) for s in meta["sites"])
+        sites = tuple(SiteEntry(**{**s, "config": config_from_dict(s["config"]),
+                                   "tensors": tuple(s.get("tensors", ()))}) for s in meta["sites"])
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{str(target)!r} has an invalid site record: {exc}") from None
     return Checkpoint(path=target, model_class=str(meta.get("model_class", "")), sites=sites,

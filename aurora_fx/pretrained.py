@@ -42,14 +42,15 @@ def _read_folder(folder: Path) -> tuple[dict | None, dict[str, torch.Tensor]]:
                 meta = json.loads(bytes(fh.get_tensor(RECORD_KEY).tolist()).decode())
     if meta is None:
         return None, {}
-    wanted = {f"{s['owner']}.{s['attr']}." if s["owner"] else f"{s['attr']}.": s["path"] for s in meta["sites"]}
+    wanted = {f"{s['owner']}.{s['attr']}." if s["owner"] else f"{s['attr']}.": s for s in meta["sites"]}
     tensors = {}
     for file in files:
         with safe_open(str(file), framework="pt") as fh:
             for key in fh.keys():  # noqa: SIM118
                 prefix, _, name = key.rpartition(".")
-                if prefix + "." in wanted:
-                    tensors[f"adapters/{wanted[prefix + '.']}/{name}"] = fh.get_tensor(key)
+                site = wanted.get(prefix + ".")
+                if site is not None and name in site.get("tensors", (name,)):  # (older records list none)
+                    tensors[f"adapters/{site['path']}/{name}"] = fh.get_tensor(key)
     return meta, tensors
 
 

@@ -37,3 +37,24 @@ def test_transformer_encoder_with_a_padding_mask_runs_the_adapters(grad):
     assert not torch.allclose(out[keep], bare[keep], atol=1e-3)  # the adapters act
     unloaded = aurora_fx.unload(enc)
     assert unloaded.use_nested_tensor is True  # the fast path comes back with the base
+
+
+def test_a_finished_aroma_model_comes_back_from_save_pretrained(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    from tests.models import CASES
+
+    case = CASES["llama"]
+    model = aurora_fx.apply(case.build(), case.pattern, method="aroma")
+    controller = aurora_fx.AromaController(model, torch.optim.SGD(aurora_fx.trainable_parameters(model), lr=0.0),
+                                           max_inner_steps=1)
+    randomize_adapters(model, std=0.1)
+    controller._outer_step()  # one merged piece per site
+    randomize_adapters(model, std=0.1)
+    controller.finalize()  # what AromaCallback does at the end of training: every site frozen
+    model.save_pretrained(tmp_path)
+    back = aurora_fx.from_pretrained(LlamaForCausalLM, tmp_path)
+    inputs = case.inputs(2, 6)
+    with torch.no_grad():
+        assert_close(back.eval()(**inputs).logits, model.eval()(**inputs).logits)
+    assert [a.rank for a in aurora_fx.adapters(back)] == [a.rank for a in aurora_fx.adapters(model)]
