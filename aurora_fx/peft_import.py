@@ -7,9 +7,7 @@ honoured through the factor shapes). ``modules_to_save`` weights are loaded into
 stay trainable. Like every entry point this is find → check → attach: everything is validated
 before the model changes. Migrated fine-tunes export with ``aurora_fx.export``.
 
-A ``peft.LoraConfig`` object also converts (``lora_config_from_peft``), so
-``aurora_fx.apply(model, config=peft.LoraConfig(r=8, lora_alpha=16, target_modules=["query"]))``
-works; its ``target_modules`` become the pattern.
+A ``peft.LoraConfig`` object passed to ``apply`` is read by ``aurora_fx.peft_config``.
 
 Example:
     >>> model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=5)
@@ -34,61 +32,13 @@ from aurora_fx.checkpoint import CheckpointError, copy_values, load_module_tenso
 from aurora_fx.config import LoraConfig
 from aurora_fx.passes.check import require
 from aurora_fx.passes.match import find_sites
+from aurora_fx.peft_config import UNSUPPORTED
 from aurora_fx.records import SiteRequest
 
-__all__ = ["load_peft_lora", "lora_config_from_peft", "peft_target_pattern"]
+__all__ = ["load_peft_lora"]
 
 _PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"^(?P<path>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
-_UNSUPPORTED = {"use_dora": "DoRA", "use_qalora": "QA-LoRA", "lora_bias": "LoRA bias"}
-
-
-def _is_peft_lora(config: object) -> bool:
-    return type(config).__name__ == "LoraConfig" and type(config).__module__.startswith("peft")
-
-
-def lora_config_from_peft(config: object) -> LoraConfig | None:
-    """An aurora_fx ``LoraConfig`` equal to a ``peft.LoraConfig`` (None for other objects).
-
-    r → rank, lora_alpha → alpha (times √r with ``use_rslora``: PEFT's α/√r is our α'/r),
-    lora_dropout → dropout.
-
-    Raises:
-        ValueError: The PEFT config uses a variant aurora_fx does not implement (DoRA, biases,
-            per-module rank or alpha patterns).
-    """
-    if not _is_peft_lora(config):
-        return None
-    used = [name for key, name in _UNSUPPORTED.items() if getattr(config, key, False)]
-    used += [f"{key}" for key in ("rank_pattern", "alpha_pattern") if getattr(config, key, None)]
-    if getattr(config, "bias", "none") != "none":
-        used.append(f"bias={config.bias!r}")
-    if used:
-        raise ValueError(f"peft.LoraConfig with {', '.join(used)} has no aurora_fx equivalent in apply(); use "
-                         f"aurora_fx.LoraConfig(rank=..., alpha=..., dropout=...) with a pattern per group")
-    rank, alpha = int(config.r), float(config.lora_alpha)
-    return LoraConfig(rank=rank, alpha=alpha * math.sqrt(rank) if getattr(config, "use_rslora", False) else alpha,
-                      dropout=float(config.lora_dropout))
-
-
-def as_aurora_config(config: object) -> object:
-    """``config`` with a ``peft.LoraConfig`` replaced by its aurora_fx ``LoraConfig``; anything else unchanged."""
-    converted = lora_config_from_peft(config)
-    return config if converted is None else converted
-
-
-def peft_target_pattern(config: object) -> str | None:
-    """PEFT's ``target_modules`` as an aurora_fx regex (None when not a ``peft.LoraConfig``).
-
-    PEFT matches a list of names at the end of the module path (``"query"`` matches
-    ``….attention.self.query``) and full-matches a string regex.
-    """
-    if not _is_peft_lora(config) or not config.target_modules:
-        return None
-    targets = config.target_modules
-    if isinstance(targets, str):
-        return f"^(?:{targets})$"
-    return rf"(^|\.)({'|'.join(re.escape(t) for t in sorted(targets))})$"
 
 
 def _read(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -103,7 +53,7 @@ def _read(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     config = json.loads(config_path.read_text())
     if config.get("peft_type") != "LORA":
         raise CheckpointError(f"PEFT type {config.get('peft_type')!r} is not LoRA; only LoRA checkpoints import")
-    for key, name in _UNSUPPORTED.items():
+    for key, name in UNSUPPORTED.items():
         if config.get(key):
             raise CheckpointError(f"this PEFT checkpoint uses {name} ({key}=True), which aurora_fx does not import")
     if config.get("bias", "none") != "none":

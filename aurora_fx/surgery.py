@@ -21,7 +21,7 @@ from aurora_fx.owners import iter_bindings, iter_owners, owner_state, restore_or
 from aurora_fx.passes.check import select_requests
 from aurora_fx.passes.match import find_sites
 from aurora_fx.passes.pattern import Pattern, compile_pattern
-from aurora_fx.peft_import import as_aurora_config, peft_target_pattern
+from aurora_fx.peft_config import as_aurora_config, is_peft_lora_config, peft_selection, refuse_peft_model
 from aurora_fx.records import weight_out_in
 from aurora_fx.registry import make_config
 
@@ -79,7 +79,8 @@ def apply(
             aurora_delta_add = torch.ops.aurora_fx.aurora_delta_add.default(linear, input, adapter_a, ...)
             return aurora_delta_add[0]
     """
-    pattern = _peft_pattern(config, pattern)
+    refuse_peft_model(model)
+    pattern, trainable_modules = _selection(model, config, pattern, trainable_modules)
     config = make_config(method, rank, alpha, dropout, as_aurora_config(config))
     matcher = compile_pattern(pattern)
     table = find_sites(model, matcher)
@@ -88,16 +89,16 @@ def apply(
     return attach(model, requests, trainable=trainable, fuse=fuse, dtype=dtype)
 
 
-def _peft_pattern(config: object, pattern: Pattern) -> Pattern:
-    """``pattern``, or a ``peft.LoraConfig``'s ``target_modules`` as a pattern when none is given."""
-    if pattern is not None:
-        return pattern
-    if config is not None and not isinstance(config, AdapterConfig):
-        found = peft_target_pattern(config)
-        if found is not None:
-            return found
-    raise ValueError("apply needs a pattern: a regex searched in site paths, e.g. pattern='query|value'; "
-                     "aurora_fx.sites(model) lists every site")
+def _selection(model: nn.Module, config: object, pattern: Pattern, trainable_modules: Pattern
+               ) -> tuple[Pattern, Pattern]:
+    """The pattern and trainable modules: given ones, or a ``peft.LoraConfig``'s (``aurora_fx.peft_config``)."""
+    if is_peft_lora_config(config):
+        chosen = peft_selection(config, model, pattern)
+        return chosen.pattern, trainable_modules if trainable_modules is not None else chosen.trainable_modules
+    if pattern is None:
+        raise ValueError("apply needs a pattern: a regex searched in site paths, e.g. pattern='query|value'; "
+                         "aurora_fx.sites(model) lists every site")
+    return pattern, trainable_modules
 
 
 def unload(model: nn.Module) -> nn.Module:

@@ -21,7 +21,8 @@ def _vllm(spec: dict) -> dict:
     from vllm.lora.request import LoRARequest
 
     llm = LLM(model=spec["base"], enable_lora=True, max_lora_rank=16, max_loras=1, dtype="float32",
-              skip_tokenizer_init=True, enforce_eager=True, max_model_len=128)
+              skip_tokenizer_init=True, enforce_eager=True, max_model_len=128,
+              gpu_memory_utilization=0.15)  # on the CPU: the share of RAM it reserves (default 0.92)
     params = SamplingParams(temperature=0.0, max_tokens=spec["new"], logprobs=0, detokenize=False)
     results = {}
     for i, (name, folder) in enumerate(spec["peft"].items()):

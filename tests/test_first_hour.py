@@ -118,7 +118,7 @@ def test_apply_takes_a_peft_lora_config():
     assert infos[0].config == {"rank": 4, "alpha": 8.0, "dropout": 0.1, "method": "lora"}
     rs = aurora_fx.apply(CASES["bert"].build(), "query", config=peft.LoraConfig(r=4, lora_alpha=8, use_rslora=True))
     assert aurora_fx.adapters(rs)[0].config["alpha"] == pytest.approx(16.0)  # PEFT's α/√r == our α'/r
-    with pytest.raises(ValueError, match="peft.LoraConfig with DoRA has no aurora_fx equivalent"):
+    with pytest.raises(ValueError, match="peft.LoraConfig with use_dora=True \\(DoRA\\) has no aurora_fx equivalent"):
         aurora_fx.apply(CASES["bert"].build(), "query", config=peft.LoraConfig(r=4, use_dora=True))
     with pytest.raises(TypeError, match="config must be an aurora_fx config.*got builtins.dict"):
         aurora_fx.apply(CASES["bert"].build(), "query", config={"r": 4})

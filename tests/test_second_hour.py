@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -58,3 +59,68 @@ def test_a_finished_aroma_model_comes_back_from_save_pretrained(tmp_path):
     with torch.no_grad():
         assert_close(back.eval()(**inputs).logits, model.eval()(**inputs).logits)
     assert [a.rank for a in aurora_fx.adapters(back)] == [a.rank for a in aurora_fx.adapters(model)]
+
+
+def _peft_sites(model, config) -> list[str]:
+    """The modules real PEFT puts LoRA on for ``config``."""
+    import peft
+
+    wrapped = peft.get_peft_model(copy.deepcopy(model), copy.deepcopy(config))
+    prefix = "base_model.model."
+    return sorted(path[len(prefix):] for path, m in wrapped.named_modules() if hasattr(m, "lora_A")
+                  and isinstance(m.lora_A, nn.ModuleDict))
+
+
+PEFT_CASES = {
+    "layers_to_transform": dict(target_modules=["q_proj", "v_proj"], layers_to_transform=[0]),
+    "layers_pattern": dict(target_modules=["q_proj"], layers_to_transform=1, layers_pattern="layers"),
+    "exclude_modules": dict(target_modules=["q_proj", "v_proj", "o_proj"], exclude_modules=["v_proj"]),
+    "exclude_regex": dict(target_modules=["q_proj", "v_proj"], exclude_modules=r".*layers\.1\..*"),
+    "all_linear": dict(target_modules="all-linear"),
+    "regex_targets": dict(target_modules=r".*\.(q|v)_proj"),
+}
+
+
+@pytest.mark.parametrize("case", PEFT_CASES)
+def test_a_peft_lora_config_selects_the_sites_peft_selects(case):
+    peft = pytest.importorskip("peft")
+    from tests.models import CASES
+
+    base = CASES["llama"].build()
+    config = peft.LoraConfig(r=4, lora_alpha=8, **PEFT_CASES[case])
+    ours = aurora_fx.apply(copy.deepcopy(base), config=config)
+    assert sorted(a.path for a in aurora_fx.adapters(ours)) == _peft_sites(base, config)
+
+
+def test_modules_to_save_train_with_the_adapters():
+    peft = pytest.importorskip("peft")
+    from tests.models import CASES
+
+    model = aurora_fx.apply(CASES["llama"].build(), config=peft.LoraConfig(r=4, target_modules=["q_proj"],
+                                                                          modules_to_save=["lm_head"]))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {"lm_head.weight"} <= trainable
+    assert all(n == "lm_head.weight" or ".adapter." in n for n in trainable)
+
+
+@pytest.mark.parametrize(("setting", "words"), [({"init_lora_weights": "pissa"}, "init_lora_weights='pissa'"),
+                                                ({"use_dora": True}, "use_dora=True"),
+                                                ({"rank_pattern": {"q_proj": 2}}, "rank_pattern")])
+def test_peft_settings_without_an_equivalent_are_refused_by_name(setting, words):
+    peft = pytest.importorskip("peft")
+    from tests.models import CASES
+
+    model = CASES["llama"].build()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=re.escape(words)):
+        aurora_fx.apply(model, config=peft.LoraConfig(r=4, target_modules=["q_proj"], **setting))
+    assert aurora_fx.adapters(model) == [] and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_model_wrapped_by_peft_is_refused_with_the_ways_out():
+    peft = pytest.importorskip("peft")
+    from tests.models import CASES
+
+    wrapped = peft.get_peft_model(CASES["llama"].build(), peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match=r"wrapped by PEFT.*merge_and_unload\(\).*aurora_fx\.load_peft_lora"):
+        aurora_fx.apply(wrapped, "q_proj")
