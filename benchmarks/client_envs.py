@@ -78,17 +78,20 @@ def ensure(client: ClientEnv, cache: Path) -> str | None:
 
 
 def converter_scripts(cache: Path) -> Path:
-    """llama.cpp's ``convert_hf_to_gguf.py`` / ``convert_lora_to_gguf.py`` folder, from the sdist."""
+    """llama.cpp's ``convert_hf_to_gguf.py`` / ``convert_lora_to_gguf.py`` with the packages they import
+    (``conversion/``, ``gguf-py/``), from the sdist."""
     target = cache / "llamacpp" / "convert"
-    if not (target / "convert_lora_to_gguf.py").exists():
+    if not (target / "conversion").is_dir():
         sdist = next((cache / "llamacpp" / "sdist").glob("llama_cpp_python-*.tar.gz"))
         with tarfile.open(sdist) as tar:
-            members = [m for m in tar.getmembers() if m.name.endswith(("convert_hf_to_gguf.py",
-                                                                       "convert_lora_to_gguf.py"))
-                       and "/vendor/llama.cpp/" in m.name and m.name.count("/") == 3]
-            target.mkdir(parents=True, exist_ok=True)
-            for m in members:
-                (target / Path(m.name).name).write_bytes(tar.extractfile(m).read())
+            for m in tar.getmembers():
+                parts = m.name.split("/")  # llama_cpp_python-X/vendor/llama.cpp/<rest>
+                rest = "/".join(parts[3:])
+                wanted = rest in ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py") or \
+                    rest.startswith(("conversion/", "gguf-py/"))
+                if parts[1:3] == ["vendor", "llama.cpp"] and wanted and m.isfile():
+                    (target / rest).parent.mkdir(parents=True, exist_ok=True)
+                    (target / rest).write_bytes(tar.extractfile(m).read())
     return target
 
 

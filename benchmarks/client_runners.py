@@ -78,7 +78,7 @@ def _llamacpp(spec: dict) -> dict:
             results[name] = {"error": "convert_lora_to_gguf.py: " + done.stderr.strip().splitlines()[-1][-300:]}
             continue
         llm = Llama(model_path=str(gguf), lora_path=str(lora), n_ctx=128, logits_all=True, verbose=False,
-                    n_threads=2, seed=0)
+                    n_threads=2, seed=0, type_k=0, type_v=0)  # an f32 KV cache (GGML_TYPE_F32; default f16)
         llm.eval(spec["prompt"])
         tokens, logprobs = [], []
         for _ in range(spec["new"]):
