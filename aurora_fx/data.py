@@ -85,25 +85,46 @@ def load_text_folder(root: str | os.PathLike) -> TextDataset:
 
 
 def load_csv(path: str | os.PathLike, text_column: str = "text", label_column: str = "label") -> TextDataset:
-    """A CSV with a text column and a label column (any strings; sorted into label ids)."""
-    with open(path, encoding="utf-8", errors="replace", newline="") as fh:
+    """A CSV with a text column and a label column (any strings; sorted into label ids).
+
+    A UTF-8 byte-order mark is ignored and labels are stripped of surrounding spaces. A row with more
+    fields than the header (a text holding an unquoted comma), or an empty text or label, is an error
+    that names its line: nothing is dropped or guessed silently.
+    """
+    with open(path, encoding="utf-8-sig", errors="replace", newline="") as fh:
         rows = _read_rows(csv.DictReader(fh, strict=True), path)
-    if not rows or text_column not in rows[0] or label_column not in rows[0]:
-        have = sorted(rows[0]) if rows else []
-        raise ValueError(f"{str(path)!r} needs columns {text_column!r} and {label_column!r}; it has {have}")
-    rows = [r for r in rows if r[text_column] and r[label_column]]
-    names = sorted({r[label_column] for r in rows})
+    header = list(rows[0][1]) if rows else []
+    if text_column not in header or label_column not in header:
+        raise ValueError(f"{str(path)!r} needs columns {text_column!r} and {label_column!r}; it has "
+                         f"{sorted(c for c in header if c is not None)}")
+    _check_rows(rows, path, text_column, label_column)
+    labels = [r[label_column].strip() for _, r in rows]
+    names = sorted(set(labels))
     index = {n: i for i, n in enumerate(names)}
-    return TextDataset(tuple(r[text_column] for r in rows), tuple(index[r[label_column]] for r in rows), tuple(names))
+    return TextDataset(tuple(r[text_column] for _, r in rows), tuple(index[n] for n in labels), tuple(names))
 
 
-def _read_rows(reader: csv.DictReader, path) -> list[dict]:
+def _check_rows(rows: list[tuple[int, dict]], path, text_column: str, label_column: str) -> None:
+    """Refuse rows with extra fields or an empty text or label, naming their lines (the first five)."""
+    extra = [line for line, r in rows if r.get(None)]
+    if extra:
+        raise ValueError(f"{str(path)!r}: line(s) {extra[:5]} have more fields than the header "
+                         f"({len(rows[0][1]) - 1}); a text that holds a comma must be in double quotes, "
+                         f'e.g. "loved it, really",pos')
+    empty = [line for line, r in rows if not (r[text_column] or "").strip() or not (r[label_column] or "").strip()]
+    if empty:
+        raise ValueError(f"{str(path)!r}: line(s) {empty[:5]} have an empty {text_column!r} or {label_column!r}; "
+                         f"fill them in or delete those rows")
+
+
+def _read_rows(reader: csv.DictReader, path) -> list[tuple[int, dict]]:
+    """``(first line number, row)`` for every record."""
     rows, start = [], 1
     try:
         reader.fieldnames  # noqa: B018 - reads the header line
         start = reader.line_num + 1
         for row in reader:
-            rows.append(row)
+            rows.append((start, row))
             start = reader.line_num + 1
     except csv.Error as exc:
         raise ValueError(f"{str(path)!r} is not valid CSV: {exc} in the record that starts at line {start}; check "

@@ -124,3 +124,32 @@ def test_a_model_wrapped_by_peft_is_refused_with_the_ways_out():
     wrapped = peft.get_peft_model(CASES["llama"].build(), peft.LoraConfig(r=4, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match=r"wrapped by PEFT.*merge_and_unload\(\).*aurora_fx\.load_peft_lora"):
         aurora_fx.apply(wrapped, "q_proj")
+
+
+def test_a_csv_with_an_unquoted_comma_is_refused_with_its_line(tmp_path):
+    from aurora_fx.data import load_csv
+
+    path = tmp_path / "d.csv"
+    path.write_text("text,label\ngreat,pos\nloved it, really,pos\nawful,neg\n")
+    with pytest.raises(ValueError, match=r"line\(s\) \[3\] have more fields than the header.*double quotes"):
+        load_csv(path)
+    path.write_text('text,label\ngreat,pos \n"loved it, really",pos\nawful,neg\n')
+    assert load_csv(path).label_names == ("neg", "pos")  # quoted: fine; "pos " is "pos"
+
+
+def test_a_csv_row_without_a_label_is_refused_not_dropped(tmp_path):
+    from aurora_fx.data import load_csv
+
+    path = tmp_path / "d.csv"
+    path.write_text("text,label\ngreat,pos\nno label here,\nawful,neg\n")
+    with pytest.raises(ValueError, match=r"line\(s\) \[3\] have an empty 'text' or 'label'"):
+        load_csv(path)
+
+
+def test_a_csv_with_a_byte_order_mark_reads(tmp_path):
+    from aurora_fx.data import load_csv
+
+    path = tmp_path / "d.csv"
+    path.write_bytes("text,label\ngreat,pos\nawful,neg\n".encode("utf-8-sig"))
+    data = load_csv(path)
+    assert data.texts == ("great", "awful") and data.label_names == ("neg", "pos")
