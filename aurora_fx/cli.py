@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -263,6 +264,19 @@ def _add_export(sub) -> None:
     p.set_defaults(func=_cmd_export)
 
 
+# The library's errors name Python arguments; on the command line the options are named instead.
+_OPTIONS = ((re.compile(r"\blossy=True\b"), "--lossy"), (re.compile(r"\bmerge=True\b"), "--merge"),
+            (re.compile(r"\bmode='(\w+)'"), r"--mode \1"), (re.compile(r"\bmode=\.\.\."), "--mode"),
+            (re.compile(r"\brank=(\d+)"), r"--rank \1"), (re.compile(r"\bcalibration=\[[^\]]*\]"), "--calibrate DATA"))
+
+
+def cli_words(message: str) -> str:
+    """``message`` with the Python arguments it names written as this command's options."""
+    for pattern, option in _OPTIONS:
+        message = pattern.sub(option, message)
+    return message
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``aurora-fx`` console script."""
     args = build_parser().parse_args(argv)
@@ -270,8 +284,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except (ValueError, FileNotFoundError, ModuleNotFoundError) as exc:  # user errors: one line, exit 2
         message = " ".join(str(exc).split()) if "\n" not in str(exc).strip() else str(exc).strip()
-        print(f"aurora-fx: error: {message}", file=sys.stderr)
+        print(f"aurora-fx: error: {cli_words(message)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, the shell's code for SIGINT
+        print("aurora-fx: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -97,7 +97,7 @@ def build_adapter(config: AdapterConfig, in_features: int, out_features: int, *,
 
 
 def make_config(
-    method: str = "aurora",
+    method: str | None = None,
     rank: int | None = None,
     alpha: float | None = None,
     dropout: float | None = None,
@@ -106,7 +106,8 @@ def make_config(
     """Build the config for ``method``, with the method's own defaults for unset fields.
 
     Args:
-        method: A registered method name (``"aurora"``, ``"lora"``, ``"aroma"``, ...), any case.
+        method: A registered method name (``"aurora"``, ``"lora"``, ``"aroma"``, ...), any case; None means
+            ``config``'s method, or ``"aurora"`` without a config. A method that contradicts ``config`` is refused.
         rank: Overrides the method's default rank.
         alpha: Overrides the method's default alpha.
         dropout: Overrides the method's default dropout.
@@ -121,10 +122,14 @@ def make_config(
         if any(v is not None for v in (rank, alpha, dropout)):
             raise ValueError("pass either config=... or rank/alpha/dropout, not both; put the values in the config")
         if isinstance(config, AdapterConfig):
+            if method is not None and str(method).lower() != config.method:
+                raise ValueError(f"method={method!r} but config is {type(config).__name__}(...) (method "
+                                 f"{config.method!r}); pass only the config, or a {method} config")
             return config
         kind = f"{type(config).__module__}.{type(config).__qualname__}"
         raise TypeError(f"config must be an aurora_fx config ({', '.join(_config_names())}) or a peft.LoraConfig, "
                         f"got {kind}")
+    method = "aurora" if method is None else method
     if not isinstance(method, str):
         raise ValueError(f"unknown method {method!r}; choose one of {sorted(method_names())}")
     overrides = {k: v for k, v in (("rank", rank), ("alpha", alpha), ("dropout", dropout)) if v is not None}

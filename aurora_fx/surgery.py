@@ -31,7 +31,7 @@ __all__ = ["apply", "unload", "merge", "disable_adapters"]
 def apply(
     model: nn.Module,
     pattern: Pattern = None,
-    method: str = "aurora",
+    method: str | None = None,
     rank: int | None = None,
     alpha: float | None = None,
     dropout: float | None = None,
@@ -53,7 +53,8 @@ def apply(
         pattern: Regex **searched** (``re.search``) in site paths, a list of regexes, or a
             callable ``(path, owner_module) -> bool``. Dry-run with ``aurora_fx.sites``. May be
             left out with a ``peft.LoraConfig``: its ``target_modules`` become the pattern.
-        method: A registered method: ``"aurora"`` (default), ``"lora"``, ``"aroma"``, ...
+        method: A registered method: ``"aurora"`` (the default without ``config``), ``"lora"``, ``"aroma"``, ...;
+            one that contradicts ``config`` is refused.
         rank: r̃ / r. Default: 2 (AuroRA), 8 (LoRA), 1 (AROMA).
         alpha: α; scale α/rank. Default: 4 (AuroRA), 16 (LoRA), 4 (AROMA).
         dropout: Adapter-input dropout. Default: 0.05 (AuroRA), 0.0 (LoRA), 0.1 (AROMA).

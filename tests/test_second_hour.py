@@ -153,3 +153,49 @@ def test_a_csv_with_a_byte_order_mark_reads(tmp_path):
     path.write_bytes("text,label\ngreat,pos\nawful,neg\n".encode("utf-8-sig"))
     data = load_csv(path)
     assert data.texts == ("great", "awful") and data.label_names == ("neg", "pos")
+
+
+def test_apply_refuses_a_method_that_contradicts_its_config():
+    model = nn.Sequential(nn.Linear(8, 8))
+    with pytest.raises(ValueError, match=r"method='lora' but config is AuroraConfig"):
+        aurora_fx.apply(model, "0", method="lora", config=aurora_fx.AuroraConfig())
+    assert aurora_fx.adapters(model) == []
+    aurora_fx.apply(model, "0", config=aurora_fx.LoraConfig(rank=2))  # the config alone decides
+    assert aurora_fx.adapters(model)[0].method == "lora"
+
+
+def test_a_fit_worse_than_no_adapter_warns():
+    from aurora_fx.export.peft_lora import SiteExport, _warn_bad_fits
+
+    good = SiteExport("a", "aurora", 2, "fit", 0.1, 0.3, 0.5, 0.6)
+    bad = SiteExport("b", "aurora", 2, "fit", 0.2, 1.7, 0.5, 0.6)
+    with pytest.warns(UserWarning, match=r"1 fitted site\(s\) have a held-out relative error above 100% \(worst b: "
+                                         r"170%\)"):
+        _warn_bad_fits([good, bad])
+
+
+def test_too_high_a_rank_is_one_short_error():
+    from tests.models import CASES
+
+    with pytest.raises(ValueError) as caught:
+        aurora_fx.apply(CASES["bert"].build(), "query|value|key", rank=1000)
+    lines = str(caught.value).splitlines()
+    assert len(lines) <= 4 and "rank 1000 > min(in_features=" in lines[1] and "more" in lines[1]
+
+
+def test_cli_errors_name_options_and_ctrl_c_is_one_line(monkeypatch, capsys):
+    import aurora_fx.cli as cli
+
+    def fails(args):
+        raise ValueError("aurora adapters are nonlinear: use mode='static' or mode='fit', as merge needs lossy=True")
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_cmd_sites", fails)
+    assert cli.main(["sites", "minilm"]) == 2
+    err = capsys.readouterr().err
+    assert "--mode static" in err and "--mode fit" in err and "--lossy" in err and "mode='static'" not in err
+    monkeypatch.setattr(cli, "_cmd_sites", interrupted)
+    assert cli.main(["sites", "minilm"]) == 130
+    assert capsys.readouterr().err == "aurora-fx: interrupted\n"

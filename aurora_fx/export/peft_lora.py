@@ -273,6 +273,7 @@ def to_peft(model: nn.Module, folder: str | os.PathLike, mode: str | None = None
     tensors.update(_saved_modules(model))
     config = _config(model, adapters, ranks, alpha, bias and mode == "fit")
     _warn_peft_only(config)
+    _warn_bad_fits(sites)
     _write(Path(folder), config, tensors)
     result = PeftExport(Path(folder), mode, tuple(sites), config)
     logger.info("%s", result)
@@ -309,6 +310,17 @@ def _warn_peft_only(config: dict) -> None:
     if reasons:
         warnings.warn("this PEFT folder serves in PEFT only: " + "; ".join(reasons) + ". Export with bias=False "
                       "and without those trainable modules for vLLM and llama.cpp", UserWarning, stacklevel=3)
+
+
+def _warn_bad_fits(sites: list[SiteExport]) -> None:
+    """Warn about fitted sites whose held-out relative error exceeds 100% (worse than no adapter there)."""
+    bad = [s for s in sites if s.heldout_error is not None and s.heldout_error > 1.0]
+    if bad:
+        worst = max(bad, key=lambda s: s.heldout_error)
+        warnings.warn(f"{len(bad)} fitted site(s) have a held-out relative error above 100% (worst "
+                      f"{worst.path}: {worst.heldout_error:.0%}): served there, the LoRA does worse than no adapter "
+                      f"at all. Calibrate on more, or more representative, batches, or use mode='static'",
+                      UserWarning, stacklevel=3)
 
 
 def _saved_modules(model: nn.Module) -> dict[str, torch.Tensor]:

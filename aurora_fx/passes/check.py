@@ -108,12 +108,26 @@ def check_export(kind: str, target: str) -> str | None:
             f"target nn.Linear / Conv1D modules; export it with aurora_fx.export.to_onnx, or adapt a Linear child")
 
 
+def _problems(requests: list[SiteRequest]) -> tuple[int, list[str]]:
+    """How many requests ``check`` refuses, and one line per distinct reason with the sites it names."""
+    by_reason: dict[str, list[str]] = {}
+    for r in requests:
+        reason = check(r.site, r.config)
+        if reason:
+            by_reason.setdefault(reason, []).append(r.site.path or "<root>")
+    lines = []
+    for reason, paths in by_reason.items():
+        more = f" and {len(paths) - 3} more" if len(paths) > 3 else ""
+        lines.append(f"{', '.join(paths[:3])}{more}: {reason}")
+    return sum(map(len, by_reason.values())), lines
+
+
 def require(requests: list[SiteRequest], error: type[Exception] = ValueError, context: str = "") -> None:
     """Raise ``error`` naming every request that ``check`` refuses (nothing is changed)."""
-    problems = [f"{r.site.path or '<root>'}: {reason}" for r in requests if (reason := check(r.site, r.config))]
-    if problems:
+    count, lines = _problems(requests)
+    if count:
         lead = f"{context} " if context else ""
-        raise error(f"{lead}{len(problems)} site(s) cannot take the adapter:\n  " + "\n  ".join(problems))
+        raise error(f"{lead}{count} site(s) cannot take the adapter:\n  " + "\n  ".join(lines))
 
 
 def select_requests(model: nn.Module, table: SiteTable, matcher: Matcher, config: AdapterConfig) -> list[SiteRequest]:
@@ -123,11 +137,11 @@ def select_requests(model: nn.Module, table: SiteTable, matcher: Matcher, config
     if not matched:
         raise ValueError(_nothing_matched(table, matcher))
     requests = [SiteRequest(site, config) for site in matched]
-    problems = [f"{r.site.path or '<root>'}: {reason}" for r in requests if (reason := check(r.site, config))]
-    if problems:
+    count, lines = _problems(requests)
+    if count:
         raise ValueError(
-            f"pattern {matcher.describe()} matched {len(problems)} site(s) that cannot take this adapter:\n  "
-            + "\n  ".join(problems) + "\nNarrow the pattern (aurora_fx.sites(model, pattern) shows every match)."
+            f"pattern {matcher.describe()} matched {count} site(s) that cannot take this adapter:\n  "
+            + "\n  ".join(lines) + "\nNarrow the pattern (aurora_fx.sites(model, pattern) shows every match)."
         )
     return requests
 
