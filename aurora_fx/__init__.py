@@ -8,8 +8,7 @@ Example:
 """
 
 import aurora_fx.methods  # noqa: F401, I001  (registers the built-in methods: aurora, lora, aroma)
-from aurora_fx import export
-from aurora_fx.aroma import AromaCallback, AromaController
+from aurora_fx.aroma import AromaController
 from aurora_fx.checkpoint import load_adapters, save_adapters
 from aurora_fx.config import AromaConfig, AuroraConfig, LoraConfig
 from aurora_fx.inventory import adapters, trainable_parameters
@@ -22,6 +21,22 @@ from aurora_fx.report import AdapterReport, inspect
 from aurora_fx.surgery import apply, disable_adapters, merge, unload
 
 __version__ = "0.1.0"
+
+# Loaded on first use, so that ``import aurora_fx`` imports neither transformers, PEFT nor onnx.
+_LAZY = {"export": ("aurora_fx.export", None), "AromaCallback": ("aurora_fx.aroma_callback", "AromaCallback")}
+
+
+def __getattr__(name: str):
+    """``aurora_fx.export`` and ``aurora_fx.AromaCallback``, imported when first asked for."""
+    if name not in _LAZY:
+        raise AttributeError(f"module 'aurora_fx' has no attribute {name!r}")
+    import importlib
+
+    module_name, attr = _LAZY[name]
+    module = importlib.import_module(module_name)
+    value = module if attr is None else getattr(module, attr)
+    globals()[name] = value
+    return value
 
 __all__ = [
     "apply",

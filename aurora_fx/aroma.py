@@ -40,7 +40,7 @@ from aurora_fx.records import weight_out_in
 if TYPE_CHECKING:
     from aurora_fx.methods.aroma import AromaAdapter
 
-__all__ = ["AromaController", "AromaLR", "AromaCallback", "SiteRank", "OuterStep", "Finalized"]
+__all__ = ["AromaController", "AromaLR", "SiteRank", "OuterStep", "Finalized"]
 
 logger = logging.getLogger("aurora_fx.aroma")
 _IDLE_WARNING = 10  # calls in a row without an optimizer step before a warning
@@ -433,40 +433,3 @@ def _weff_norm2(adapter: AromaAdapter, weight: torch.Tensor) -> float:
     U, V = adapter.U.double(), adapter.V.double()
     cross = torch.trace(U.t() @ _apply_weight(weight, V)).item()
     return w2 + 2 * cross + AF.lowrank_norm2(U, V).item()
-
-
-def _trainer_callback_base():
-    from transformers import TrainerCallback
-
-    return TrainerCallback
-
-
-class AromaCallback(_trainer_callback_base()):
-    """HF ``Trainer`` callback: builds the controller at train start, steps it, stops when done.
-
-    ``trainer.add_callback(AromaCallback(inner_check_every=10, ...))``; keyword arguments go to
-    ``AromaController``. The Trainer's own (closed-form) LR schedule is re-warmed after merges by
-    the controller. ``converged_early`` tells whether AROMA stopped training by itself.
-    At the end of training, ``finalize()`` keeps the active pieces of unconverged sites.
-    """
-
-    def __init__(self, **controller_kwargs) -> None:
-        self.controller_kwargs = controller_kwargs
-        self.controller: AromaController | None = None
-        self.converged_early = False
-
-    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        """Build the controller around the Trainer's model and optimizer."""
-        self.controller = AromaController(model, optimizer, None, **self.controller_kwargs)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        """Advance the controller; stop training once every site has converged."""
-        self.controller.step()
-        if self.controller.done:
-            self.converged_early = True
-            control.should_training_stop = True
-
-    def on_train_end(self, args, state, control, **kwargs):
-        """Merge the active pieces and freeze every site."""
-        if self.controller is not None:
-            self.controller.finalize()

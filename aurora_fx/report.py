@@ -12,8 +12,8 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import networkx as nx
 import torch.fx as fx
 from torch import nn
 
@@ -21,6 +21,9 @@ from aurora_fx.inventory import adapters
 from aurora_fx.owners import iter_bindings, owner_state
 from aurora_fx.passes.base import ADAPTER_TAG, ROLE
 from aurora_fx.records import AdapterInfo, format_table
+
+if TYPE_CHECKING:
+    import networkx as nx
 
 __all__ = ["AdapterReport", "inspect", "node_role"]
 
@@ -66,6 +69,8 @@ class AdapterReport:
         ``data_input`` (the node's first argument, if a node).
         """
         self.code(site)
+        import networkx as nx  # (imported on use: ``import aurora_fx`` stays light)
+
         graph = nx.DiGraph(site=site)
         for node in self.owner_graphs[site].nodes:
             first = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
@@ -77,6 +82,8 @@ class AdapterReport:
 
     def to_networkx(self) -> nx.DiGraph:
         """The module tree (parent → child edges); adapted sites carry method, rank and params."""
+        import networkx as nx
+
         graph = nx.DiGraph(model_class=self.model_class)
         for path, kind in self.module_types.items():
             graph.add_node(path or "<root>", type=kind, adapted=False)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import aurora_fx
-from aurora_fx.aroma import AromaCallback
+from aurora_fx.aroma_callback import AromaCallback
 
 pytestmark = pytest.mark.slow
 D_IN, D_OUT = 48, 64

@@ -199,3 +199,15 @@ def test_cli_errors_name_options_and_ctrl_c_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(cli, "_cmd_sites", interrupted)
     assert cli.main(["sites", "minilm"]) == 130
     assert capsys.readouterr().err == "aurora-fx: interrupted\n"
+
+
+def test_import_aurora_fx_leaves_transformers_peft_and_onnx_for_later():
+    import subprocess
+    import sys
+
+    heavy = ("transformers", "peft", "onnx", "onnxscript", "networkx")
+    code = f"import sys, aurora_fx; print([m for m in {heavy!r} if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"
+    code = "import aurora_fx; aurora_fx.export.to_onnx; aurora_fx.AromaCallback; print('ok')"  # still there on use
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "ok\n"
