@@ -7,12 +7,14 @@ take LoRA.
 from aurora_fx.export.decoder import OnnxGenerator, to_onnx_decoder
 from aurora_fx.export.onnx import ExportResult, ExportVerificationError, run_onnx, to_onnx
 from aurora_fx.export.peft_lora import PeftExport, SiteExport, to_peft
+from aurora_fx.export.seq2seq import OnnxSeq2SeqGenerator
 from aurora_fx.export.swappable import SwappableSession, save_adapter_weights, to_onnx_swappable
 
 __all__ = [
     "to_onnx",
     "to_onnx_decoder",
     "OnnxGenerator",
+    "OnnxSeq2SeqGenerator",
     "to_peft",
     "PeftExport",
     "SiteExport",

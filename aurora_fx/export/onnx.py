@@ -31,6 +31,7 @@ import onnx
 import torch
 from torch import nn
 
+from aurora_fx.export.dynamic_axes import dynamic_spec, reshaped, traceable
 from aurora_fx.export.translation import (
     aurora_delta_add_onnx,
     aurora_linear_onnx,
@@ -108,34 +109,6 @@ def output_names(outputs: Any) -> list[str]:
     return ["output"] if n == 1 else [f"output_{i}" for i in range(n)]
 
 
-def _dynamic_dims(t: Any) -> tuple[int, ...]:
-    """Axes exported as dynamic: batch always, plus the sequence axis where there is one.
-
-    The sequence axis is dynamic for token inputs (2-D/3-D integer) and for float ``(B, L, D)``
-    inputs. Float ``(B, F)`` features and images keep their other axes.
-    """
-    if not torch.is_tensor(t) or t.dim() == 0:
-        return ()
-    if (t.dim() in (2, 3) and not t.is_floating_point()) or (t.dim() == 3 and t.is_floating_point()):
-        return (0, 1)
-    return (0,)
-
-
-def _dynamic_spec(args: tuple, kwargs: dict[str, Any]) -> tuple[Any, dict[str, tuple[str, ...]]]:
-    """``dynamic_shapes`` for torch.export, and the dynamic axis names per keyword input."""
-    dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("seq")}
-    names = {0: "batch", 1: "seq"}
-
-    def spec(t: Any) -> Any:
-        return {d: dims[d] for d in _dynamic_dims(t)} or None
-
-    axes = {k: tuple(names[d] for d in _dynamic_dims(v)) for k, v in kwargs.items() if _dynamic_dims(v)}
-    if args:
-        positional = tuple(spec(a) for a in args)
-        return ((positional, {k: spec(v) for k, v in kwargs.items()}) if kwargs else positional), axes
-    return {k: spec(v) for k, v in kwargs.items()}, axes
-
-
 def _check_inputs(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
     try:
         with torch.no_grad():
@@ -148,31 +121,10 @@ def _check_inputs(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
         ) from None
 
 
-def _tiled(value: Any, axis: int) -> Any:
-    if torch.is_tensor(value) and axis in _dynamic_dims(value) and value.shape[axis] == 1:
-        return torch.cat([value, value], dim=axis)
-    return value
-
-
-def _traceable(args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
-    """Examples for tracing with dynamic axes: a size-1 dynamic axis is tiled to 2.
-
-    ``torch.export`` specializes an axis whose example size is 1 to the constant 1, so a batch-1
-    example would give a graph that only takes batch 1. Tiling every input's axis the same way
-    keeps the shapes consistent; the user's own example is still the one verified.
-    """
-    for axis in (0, 1):
-        tensors = [t for t in (*args, *kwargs.values()) if torch.is_tensor(t) and axis in _dynamic_dims(t)]
-        if tensors and all(t.shape[axis] == 1 for t in tensors):
-            args = tuple(_tiled(a, axis) for a in args)
-            kwargs = {k: _tiled(v, axis) for k, v in kwargs.items()}
-    return args, kwargs
-
-
 def _export(model: nn.Module, args: tuple, kwargs: dict[str, Any], dynamic: bool, names: list[str]):
-    dynamic_shapes = _dynamic_spec(args, kwargs)[0] if dynamic else None
+    dynamic_shapes = dynamic_spec(args, kwargs)[0] if dynamic else None
     if dynamic:
-        args, kwargs = _traceable(args, kwargs)
+        args, kwargs = traceable(args, kwargs)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         return torch.onnx.export(model, args, kwargs=kwargs or None, dynamo=True, external_data=False,
@@ -216,30 +168,13 @@ def _numpy(value: Any) -> np.ndarray:
     return value.detach().cpu().numpy() if torch.is_tensor(value) else np.asarray(value)
 
 
-def _reshaped(value: Any, name: str, dynamic: bool) -> Any:
-    """A differently shaped input of the same kind: batch + 1 and, for sequences, length ± 3."""
-    axes = _dynamic_dims(value)
-    if not axes or not dynamic:
-        return value
-    shape = list(value.shape)
-    shape[0] += 1
-    if 1 in axes:  # shorter when long (position limits), longer when short
-        shape[1] = shape[1] - 3 if shape[1] > 8 else shape[1] + 3
-    if "mask" in name:
-        return torch.ones(shape, dtype=value.dtype)
-    if value.is_floating_point():
-        return torch.randn(shape, dtype=value.dtype) * value.float().std().clamp_min(1e-3).to(value.dtype)
-    low, high = int(value.min()), int(value.max())
-    return torch.randint(low, high + 1, shape, dtype=value.dtype)
-
-
 def _verify(model: nn.Module, path: Path, args: tuple, kwargs: dict[str, Any], dynamic: bool, atol: float,
             input_names: list[str]) -> dict[tuple[int, ...], float]:
     diffs = {}
     trials = [(args, kwargs)]
     if dynamic:
-        trials.append((tuple(_reshaped(a, f"arg{i}", dynamic) for i, a in enumerate(args)),
-                       {k: _reshaped(v, k, dynamic) for k, v in kwargs.items()}))
+        trials.append((tuple(reshaped(a, f"arg{i}") for i, a in enumerate(args)),
+                       {k: reshaped(v, k) for k, v in kwargs.items()}))
     for a, kw in trials:
         with torch.no_grad():
             expected = flatten_outputs(model(*a, **kw))
@@ -319,7 +254,7 @@ def to_onnx(
     diffs = _verify(exported, target, args, kwargs, dynamic, atol, input_names) if verify else {}
     return ExportResult(
         path=target, input_names=tuple(input_names), output_names=tuple(o.name for o in proto.graph.output),
-        dynamic_axes=_dynamic_spec(args, kwargs)[1] if dynamic else {}, max_abs_diff=diffs, seconds=seconds,
+        dynamic_axes=dynamic_spec(args, kwargs)[1] if dynamic else {}, max_abs_diff=diffs, seconds=seconds,
         bytes=size, op_counts=dict(Counter(n.op_type for n in proto.graph.node)),
         adapter_nodes=sum(any(m in n.name for m in ADAPTER_NODE_MARKS) for n in proto.graph.node), notes=notes)
 
@@ -332,10 +267,17 @@ def is_decoder(model: nn.Module) -> bool:
             and callable(can_generate) and bool(can_generate()))
 
 
+def _is_encoder_decoder(model: nn.Module) -> bool:
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
 def _cache_off(model: nn.Module, kwargs: dict[str, Any]) -> tuple[str, ...]:
-    """A decoder's KV cache object cannot be a graph output: turn it off (and say so) unless asked."""
-    if not is_decoder(model) or "use_cache" in kwargs:
+    """A KV cache object cannot be a graph output: turn it off (and say so) unless asked."""
+    if "use_cache" in kwargs or not (is_decoder(model) or _is_encoder_decoder(model)):
         return ()
     kwargs["use_cache"] = False
+    if _is_encoder_decoder(model):
+        return ("exported with use_cache=False: one graph computes the encoder and the whole decoder prefix at "
+                "every call; aurora_fx.export.OnnxSeq2SeqGenerator generates greedily over it",)
     return ("exported with use_cache=False: this graph has no KV cache and recomputes the whole prefix at "
             "every token; aurora_fx.export.to_onnx_decoder exports the cache as inputs and outputs for serving",)
