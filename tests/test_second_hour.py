@@ -211,3 +211,35 @@ def test_import_aurora_fx_leaves_transformers_peft_and_onnx_for_later():
     assert out == "[]"
     code = "import aurora_fx; aurora_fx.export.to_onnx; aurora_fx.AromaCallback; print('ok')"  # still there on use
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "ok\n"
+
+
+@pytest.mark.slow
+def test_a_mixture_of_experts_decoder_exports_with_a_note(tmp_path):
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    torch.manual_seed(0)
+    model = Qwen2MoeForCausalLM(Qwen2MoeConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+        moe_intermediate_size=32, shared_expert_intermediate_size=64, num_experts=4, num_experts_per_tok=2,
+        vocab_size=100)).eval()
+    aurora_fx.apply(model, "q_proj|v_proj")
+    randomize_adapters(model)
+    assert model.config._experts_implementation == "grouped_mm"  # transformers' default: no ONNX form
+    result = aurora_fx.export.to_onnx_decoder(model, tmp_path)
+    assert max(result.max_abs_diff.values()) <= 1e-4
+    assert any("'batched_mm'" in n for n in result.notes)
+    assert model.config._experts_implementation == "grouped_mm"  # the user's model is untouched
+
+
+def test_an_op_without_an_onnx_translation_is_named_in_one_line(tmp_path):
+    lib = torch.library.Library("second_hour_test", "DEF")
+    lib.define("twice(Tensor x) -> Tensor")
+    lib.impl("twice", lambda x: x * 2, "CompositeExplicitAutograd")
+    lib.impl("twice", lambda x: torch.empty_like(x), "Meta")
+
+    class Calls(nn.Module):
+        def forward(self, x):
+            return torch.ops.second_hour_test.twice(x)
+
+    with pytest.raises(ValueError, match=r"^the model calls second_hour_test.twice, which has no ONNX translation"):
+        aurora_fx.export.to_onnx(Calls(), tmp_path / "x.onnx", example_inputs=(torch.randn(2, 3),))

@@ -55,6 +55,8 @@ from aurora_fx.export.onnx import (
     ExportVerificationError,
     _write,
     default_atol,
+    explain_conversion_error,
+    exportable_experts,
     is_decoder,
 )
 from aurora_fx.export.serving_folder import write_serving_files
@@ -161,9 +163,12 @@ def _export(flat: _Flat, spec: DecoderSpec, example) -> Any:
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         program = torch.export.export(flat, example, dynamic_shapes=shapes, strict=False)
-        return torch.onnx.export(program, example, dynamo=True, external_data=False, optimize=False,
-                                 custom_translation_table=TRANSLATIONS, input_names=spec.input_names(),
-                                 output_names=spec.output_names())
+        try:
+            return torch.onnx.export(program, example, dynamo=True, external_data=False, optimize=False,
+                                     custom_translation_table=TRANSLATIONS, input_names=spec.input_names(),
+                                     output_names=spec.output_names())
+        except Exception as exc:
+            raise explain_conversion_error(exc) from exc
 
 
 def _feeds(spec: DecoderSpec, example) -> dict[str, np.ndarray]:
@@ -224,6 +229,7 @@ def to_onnx_decoder(model: nn.Module, path: str | os.PathLike, *, verify: bool =
         raise ValueError(f"{type(model).__name__} is not an HF causal LM with a KV cache (it needs generate() and "
                          f"config.use_cache); export it with aurora_fx.export.to_onnx")
     exported = copy.deepcopy(model).eval()
+    notes = exportable_experts(exported)
     spec = _spec(exported)
     dtype = next(exported.parameters()).dtype
     flat = _Flat(exported, spec.layers).eval()
@@ -248,7 +254,7 @@ def to_onnx_decoder(model: nn.Module, path: str | os.PathLike, *, verify: bool =
                         max_abs_diff=diffs, seconds=seconds, bytes=size,
                         op_counts=_op_counts(proto),
                         adapter_nodes=sum(any(m in n.name for m in ADAPTER_NODE_MARKS) for n in proto.graph.node),
-                        files=files)
+                        notes=notes, files=files)
 
 
 def _strip_prefix(proto: onnx.ModelProto, prefix: str) -> None:

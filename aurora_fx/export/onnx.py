@@ -18,6 +18,7 @@ import contextlib
 import copy
 import io
 import os
+import re
 import tempfile
 import time
 import warnings
@@ -42,7 +43,7 @@ from aurora_fx.passes.fuse import FUSED_LORA_OP, FUSED_OP
 from aurora_fx.surgery import merge as merge_adapters
 
 __all__ = ["to_onnx", "ExportResult", "ExportVerificationError", "run_onnx", "flatten_outputs", "output_names",
-           "is_decoder"]
+           "is_decoder", "exportable_experts", "explain_conversion_error"]
 
 TWO_GB = 2 * 1024**3
 TRANSLATIONS = {FUSED_OP: aurora_delta_add_onnx, FUSED_LORA_OP: lora_delta_add_onnx,
@@ -127,9 +128,12 @@ def _export(model: nn.Module, args: tuple, kwargs: dict[str, Any], dynamic: bool
         args, kwargs = traceable(args, kwargs)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        return torch.onnx.export(model, args, kwargs=kwargs or None, dynamo=True, external_data=False,
-                                 custom_translation_table=TRANSLATIONS, dynamic_shapes=dynamic_shapes,
-                                 output_names=names, optimize=False)  # keep parameter names; ORT folds at load
+        try:
+            return torch.onnx.export(model, args, kwargs=kwargs or None, dynamo=True, external_data=False,
+                                     custom_translation_table=TRANSLATIONS, dynamic_shapes=dynamic_shapes,
+                                     output_names=names, optimize=False)  # keep parameter names; ORT folds at load
+        except Exception as exc:
+            raise explain_conversion_error(exc) from exc
 
 
 def _write(program: Any, path: Path, external_data: bool | None) -> int:
@@ -241,6 +245,7 @@ def to_onnx(
     target = Path(path)
     atol = default_atol(model) if atol is None else atol
     exported = copy.deepcopy(model).eval()
+    notes += exportable_experts(exported)
     if merge:
         merge_adapters(exported, lossy=lossy)
     outputs = _check_inputs(exported, args, kwargs)
@@ -265,6 +270,34 @@ def is_decoder(model: nn.Module) -> bool:
     can_generate = getattr(model, "can_generate", None)
     return (config is not None and hasattr(config, "use_cache") and not getattr(config, "is_encoder_decoder", False)
             and callable(can_generate) and bool(can_generate()))
+
+
+def exportable_experts(model: nn.Module) -> tuple[str, ...]:
+    """Switch a mixture-of-experts model (a copy) to the experts implementation that exports; notes if it did.
+
+    transformers' ``grouped_mm`` is its own custom op with no ONNX form, and ``eager`` loops over a
+    data-dependent set of experts that ``torch.export`` cannot trace; ``batched_mm`` computes the same
+    outputs with plain batched matmuls.
+    """
+    impl = getattr(getattr(model, "config", None), "_experts_implementation", None)
+    switch = getattr(model, "set_experts_implementation", None)
+    if impl in (None, "batched_mm") or not callable(switch):
+        return ()
+    switch("batched_mm")
+    return (f"the experts run as 'batched_mm' in the graph (the model's {impl!r} implementation does not export); "
+            f"the outputs are the same",)
+
+
+_NO_ONNX = re.compile(r"No ONNX function found for <OpOverload\(op='([^']+)'")
+
+
+def explain_conversion_error(error: Exception) -> Exception:
+    """A one-line ``ValueError`` for an op without an ONNX translation (else ``error`` itself)."""
+    found = _NO_ONNX.search(str(error))
+    if found is None:
+        return error
+    return ValueError(f"the model calls {found.group(1)}, which has no ONNX translation; replace that module (or "
+                      f"switch it to a plain-PyTorch implementation) before exporting")
 
 
 def _is_encoder_decoder(model: nn.Module) -> bool:
