@@ -301,7 +301,7 @@ class AromaController:
     def _outer_step(self) -> None:
         self.outer += 1
         ratios = agree(torch.tensor([self._outer_ratio(t) for t in self.tracks], dtype=torch.float64))
-        merged, converged = [], []
+        converged, merging = [], []
         gen = torch.Generator().manual_seed(hash((self.seed, self.outer)) % (2**62))
         for t, ratio in zip(self.tracks, ratios.tolist(), strict=False):
             if t.converged:
@@ -312,10 +312,15 @@ class AromaController:
                     self._converge(t)
                     converged.append(t.path)
                     continue
-            merged.append(t.path)
-            if not self._merge(t, gen):  # the piece added no new direction, or the site is at full rank
+            merging.append(t)
+        # Whether each site grows on is decided from rank 0's factors: a per-rank decision would freeze a
+        # site on one rank only, and the ranks' collectives would no longer match.
+        grow = agree(torch.tensor([float(self._merge(t, gen)) for t in merging], dtype=torch.float64))
+        for t, keeps_growing in zip(merging, grow.tolist(), strict=True):
+            if not keeps_growing:  # the piece added no new direction, or the site is at full rank
                 self._converge(t)
                 converged.append(t.path)
+        merged = [t.path for t in merging]
         self._reset_moments(gen)
         if self._rewarm is None:
             self.scheduler.rewarm()

@@ -32,14 +32,17 @@ def main() -> None:
     torch.manual_seed(0)  # the same model on every rank ...
     model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 8)).to(device)
     target = nn.Sequential(nn.Linear(16, 8)).to(device)
-    aurora_fx.apply(model, "^0$|^2$", config=aurora_fx.AromaConfig(dropout=0.0, compact_tol=0.0))
+    aurora_fx.apply(model, "^0$|^2$", config=aurora_fx.AromaConfig(dropout=0.0))  # default compact_tol: span rule on
     torch.manual_seed(1000 + rank)  # ... then a different global RNG on each
     optimizer = torch.optim.Adam(aurora_fx.trainable_parameters(model), lr=2e-2)
     controller = aurora_fx.AromaController(model, optimizer, inner_check_every=3, inner_threshold=0.3,
-                                           max_inner_steps=40, outer_threshold=2e-2)
+                                           max_inner_steps=40, outer_threshold=2e-2,
+                                           prune_ratio=0.5)  # half the moments kept: the masks are visible
     data = torch.Generator().manual_seed(100 + rank)  # different data on each rank, no all-reduce
-    fresh = []
+    fresh, masks = [], []
     for _ in range(150):
+        if all(t.converged for t in controller.tracks):  # every site stopped: nothing trains any more
+            break
         x = torch.randn(32, 16, generator=data).to(device)
         loss = nn.functional.mse_loss(model(x), target(x).detach() * (1 + rank))
         optimizer.zero_grad()
@@ -49,8 +52,11 @@ def main() -> None:
         controller.step()
         if controller.outer != outer:
             fresh.append([t.adapter.A.detach().flatten()[:4].cpu().tolist() for t in controller.tracks])
+            masks.append([(optimizer.state[p]["exp_avg"] != 0).int().flatten().tolist()  # which moments survived
+                          for t in controller.tracks if not t.converged for p in (t.adapter.A, t.adapter.B)])
     history = [[h.outer, h.step, list(h.merged), list(h.converged)] for h in controller.history]
-    (Path(args.out) / f"rank{rank}.json").write_text(json.dumps({"history": history, "fresh": fresh}))
+    (Path(args.out) / f"rank{rank}.json").write_text(json.dumps({"history": history, "fresh": fresh,
+                                                                       "masks": masks}))
     dist.destroy_process_group()
 
 

@@ -64,3 +64,6 @@ def test_aroma_decisions_stay_identical_when_only_the_controller_syncs(tmp_path)
     assert len(ranks[0]["history"]) >= 3
     assert ranks[0]["history"] == ranks[1]["history"]  # the same outer steps, merges and stops
     assert ranks[0]["fresh"] == ranks[1]["fresh"]  # re-initialised pieces from the seeded generator
+    kept = [m for step in ranks[0]["masks"] for m in step]
+    assert 0 < sum(map(sum, kept)) < sum(map(len, kept))  # the moment resets kept some entries, not all
+    assert ranks[0]["masks"] == ranks[1]["masks"]  # the same reset masks on every rank
