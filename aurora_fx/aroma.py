@@ -22,10 +22,11 @@ HF ``Trainer`` users add one line: ``trainer.add_callback(AromaCallback())``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -386,6 +387,48 @@ class AromaController:
                     "%d/%.2f/%d; trainable %d", self.outer, self.steps, len(merged), len(converged),
                     sum(t.converged for t in self.tracks), len(self.tracks), min(ranks), sum(ranks) / len(ranks),
                     max(ranks), trainable)
+
+    # -- resuming -----------------------------------------------------------------------------
+    _COUNTERS = ("since", "outer", "all_converged", "steps", "skipped_steps", "_idle", "_last_opt_step")
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the controller decides from, to resume a run (``save_adapters(..., controller=)``).
+
+        JSON-able except ``snaps``: per site the (A, B) snapshot of the last inner check, or None. The
+        optimizer's and a scheduler's own state are saved as usual (a Trainer checkpoint holds both).
+        """
+        rewarm = None if self._rewarm is None else {"k": self._rewarm.k, "underlying": self._rewarm.underlying,
+                                                     "written": self._rewarm.written}
+        return {"counters": {name: getattr(self, name) for name in self._COUNTERS},
+                "history": [dataclasses.asdict(h) for h in self.history], "rewarm": rewarm,
+                "tracks": {t.path: {"wnorm2": t.wnorm2, "stabilized": t.stabilized, "converged": t.converged,
+                                    "merges": t.merges, "hist": list(t.hist)} for t in self.tracks},
+                "snaps": {t.path: None if t.snap is None else tuple(x.detach().clone() for x in t.snap)
+                          for t in self.tracks}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state_dict()`` (after ``load_adapters`` restored the adapters the same run saved).
+
+        Raises:
+            ValueError: The state names other sites than this controller's.
+        """
+        tracks = {t.path: t for t in self.tracks}
+        if set(state["tracks"]) != set(tracks):
+            raise ValueError(f"the controller state is for sites {sorted(state['tracks'])[:3]}..., this controller "
+                             f"drives {sorted(tracks)[:3]}...; load the adapters saved with it first")
+        for name, value in state["counters"].items():
+            setattr(self, name, value)
+        self.history = [OuterStep(**{**h, "merged": tuple(h["merged"]), "converged": tuple(h["converged"])})
+                        for h in state["history"]]
+        if self._rewarm is not None and state.get("rewarm") is not None:
+            self._rewarm.k, self._rewarm.underlying = state["rewarm"]["k"], list(state["rewarm"]["underlying"])
+            self._rewarm.written = state["rewarm"]["written"]
+        for path, saved in state["tracks"].items():
+            t = tracks[path]
+            t.wnorm2, t.stabilized, t.converged = saved["wnorm2"], saved["stabilized"], saved["converged"]
+            t.merges, t.hist = saved["merges"], list(saved["hist"])
+            snap = state.get("snaps", {}).get(path)
+            t.snap = None if snap is None else tuple(x.to(t.adapter.A.device) for x in snap)
 
     # -- results ------------------------------------------------------------------------------
     @property

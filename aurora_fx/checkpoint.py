@@ -40,8 +40,9 @@ from aurora_fx.records import Site, SiteRequest, weight_out_in
 from aurora_fx.registry import config_from_dict
 from aurora_fx.tracing import get_submodule
 
-__all__ = ["save_adapters", "load_adapters", "load_checkpoint", "read_checkpoint", "adapter_metadata",
-           "parse_metadata", "Checkpoint", "CheckpointError", "FORMAT", "load_module_tensors", "copy_values"]
+__all__ = ["save_adapters", "load_adapters", "read_controller_state", "load_checkpoint", "read_checkpoint",
+           "adapter_metadata", "parse_metadata", "Checkpoint", "CheckpointError", "FORMAT", "load_module_tensors",
+           "copy_values"]
 
 DEFAULT_NAME = "adapters.safetensors"
 _META_KEY = "aurora_fx"
@@ -86,13 +87,16 @@ def _resolve(path: str | os.PathLike) -> Path:
     return path / DEFAULT_NAME if path.is_dir() or path.suffix == "" else path
 
 
-def save_adapters(model: nn.Module, path: str | os.PathLike, *, extra: dict[str, Any] | None = None) -> Path:
+def save_adapters(model: nn.Module, path: str | os.PathLike, *, extra: dict[str, Any] | None = None,
+                  controller: Any = None) -> Path:
     """Write the adapters (and ``trainable_modules`` parameters) of ``model`` to ``path``.
 
     Args:
         model: A model with adapters.
         path: A ``.safetensors`` file, or a folder (then ``<folder>/adapters.safetensors``).
         extra: JSON-serialisable notes stored with the checkpoint (e.g. the base model name).
+        controller: An ``AromaController`` whose state is saved too, so a run resumes where it stopped
+            (``read_controller_state(path)`` → ``controller.load_state_dict``).
 
     Returns:
         The file written.
@@ -113,6 +117,9 @@ def save_adapters(model: nn.Module, path: str | os.PathLike, *, extra: dict[str,
     for module_path in meta["trainable_modules"]:
         for name, p in get_submodule(model, module_path).named_parameters():
             tensors[f"modules/{module_path}.{name}"] = p
+    if controller is not None:
+        meta["controller"], snaps = _controller_state(controller)
+        tensors.update(snaps)
     data = safetensors_save({k: full(v).contiguous().cpu() for k, v in tensors.items()},
                             metadata={_META_KEY: json.dumps(meta)})
     if is_main():  # the whole adapter once, from rank 0 (every rank gathered its shards above)
@@ -120,6 +127,31 @@ def save_adapters(model: nn.Module, path: str | os.PathLike, *, extra: dict[str,
     if world_size() > 1:
         torch.distributed.barrier()
     return target
+
+
+def _controller_state(controller: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The controller's JSON state, and its snapshot tensors under ``controller/<site>/snap_A|snap_B``."""
+    state = controller.state_dict()
+    snaps = state.pop("snaps")
+    tensors = {f"controller/{site}/snap_{name}": t for site, pair in snaps.items() if pair is not None
+               for name, t in zip("AB", pair, strict=True)}
+    return state, tensors
+
+
+def read_controller_state(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``AromaController`` state saved with ``save_adapters(..., controller=)``, or None."""
+    target = _resolve(path)
+    with safe_open(str(target), framework="pt") as fh:
+        meta = json.loads((fh.metadata() or {}).get(_META_KEY, "{}"))
+        state = meta.get("controller")
+        if state is None:
+            return None
+        state["snaps"] = {site: None for site in state["tracks"]}
+        for site in state["tracks"]:
+            keys = [f"controller/{site}/snap_{n}" for n in "AB"]
+            if all(k in fh.keys() for k in keys):  # noqa: SIM118
+                state["snaps"][site] = tuple(fh.get_tensor(k) for k in keys)
+    return state
 
 
 def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
