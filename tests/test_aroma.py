@@ -246,3 +246,21 @@ def test_training_grows_rank_and_the_model_is_base_plus_merged_pieces(tmp_path):
     assert (ours - merged(x)).abs().max() <= 1e-5
     assert aurora_fx.adapters(reloaded)[0].rank == adapter.merged_rank
     assert torch.equal(aurora_fx.unload(model)(x), base(x))
+
+
+def test_the_tracked_effective_weight_norm_is_exact_after_merges():
+    """‖W0 + U·V‖² is kept without forming U·V: after each merge it must equal the dense computation."""
+    torch.manual_seed(0)
+    model = aurora_fx.apply(nn.Sequential(nn.Linear(12, 10), nn.Tanh(), nn.Linear(10, 6)), "^0$|^2$",
+                            method="aroma", dropout=0.0)
+    controller = aurora_fx.AromaController(model, torch.optim.SGD(aurora_fx.trainable_parameters(model), lr=0.0),
+                                           max_inner_steps=1, outer_threshold=0.0)
+    for _ in range(3):
+        with torch.no_grad():
+            for t in controller.tracks:
+                t.adapter.B.normal_(0, 0.5)
+        controller._outer_step()
+        for t in controller.tracks:
+            dense = t.weight.double() + t.adapter.U.double() @ t.adapter.V.double()
+            assert t.wnorm2 == pytest.approx(float((dense ** 2).sum()), rel=1e-6)  # (W·V is float32)
+    assert all(t.adapter.merged_rank >= 2 for t in controller.tracks)

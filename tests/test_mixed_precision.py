@@ -5,8 +5,11 @@ Every method (LoRA, AuroRA fused and unfused, AROMA) on the BERT and Llama confi
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+from torch import nn
 
 import aurora_fx
 from aurora_fx.aroma import AromaController
@@ -154,3 +157,24 @@ def test_onnx_export_of_a_half_precision_model_keeps_the_adapter_in_float32(tmp_
     for t in targets(casts(base.path)):
         extra.remove(t)
     assert extra == sorted([onnx.TensorProto.FLOAT] * 4 + [onnx.TensorProto.FLOAT16] * 4)
+
+
+@pytest.mark.parametrize("method", ["aurora", "lora"])
+@pytest.mark.parametrize("path", ["fused_linear", "delta_op"])
+def test_a_site_under_autocast_computes_and_returns_the_autocast_dtype(method, path):
+    """An adapted linear under bf16 autocast gives bf16, as nn.Linear does: on the one-op path (eval) and on
+    the base-plus-delta-op path (active dropout in training), and equals the same site run in bf16."""
+    torch.manual_seed(0)
+    model = aurora_fx.apply(nn.Sequential(nn.Linear(32, 24)), "0", method=method, dropout=0.2)
+    for p in aurora_fx.trainable_parameters(model):
+        nn.init.normal_(p, 0, 0.2)
+    model.train(path == "delta_op")
+    x = torch.randn(16, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.manual_seed(1)
+        y = model(x)
+    assert y.dtype == torch.bfloat16
+    reference = copy.deepcopy(model).to(torch.bfloat16)
+    torch.manual_seed(1)
+    expected = reference(x.to(torch.bfloat16))
+    torch.testing.assert_close(y.float(), expected.float(), rtol=2e-2, atol=2e-2)

@@ -99,3 +99,10 @@ def test_a_model_without_a_kv_cache_is_refused_with_the_alternative(tmp_path):
 
     with pytest.raises(ValueError, match="is not an HF causal LM.*to_onnx"):
         to_onnx_decoder(bert(), tmp_path / "x.onnx")
+
+
+def test_the_verification_raises_when_onnxruntime_differs(tmp_path):
+    from aurora_fx.export import ExportVerificationError
+
+    with pytest.raises(ExportVerificationError, match=r"onnxruntime differs from PyTorch by .* \(> atol 1e-15\)"):
+        to_onnx_decoder(_decoder("llama"), tmp_path, atol=1e-15)  # float32 runtimes differ by ~1e-7

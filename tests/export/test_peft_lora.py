@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from torch import nn
 
 import aurora_fx
 from aurora_fx.export import to_peft
@@ -182,3 +183,41 @@ def test_a_functional_site_is_named_in_the_error(tmp_path):
                                          r"functional site"):
         to_peft(model, tmp_path)
     assert not (tmp_path / "adapter_config.json").exists()
+
+
+def _least_squares(x: torch.Tensor, y: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rank-``rank`` affine least-squares map ``y ≈ x·ΔWᵀ + c`` (float64), computed independently."""
+    mx, my = x.mean(0), y.mean(0)
+    xc, yc = x - mx, y - my
+    m = torch.linalg.lstsq(xc, yc).solution  # (d_in, d_out)
+    _, vecs = torch.linalg.eigh((xc @ m).t() @ (xc @ m))  # the fitted outputs' principal directions
+    vk = vecs[:, -rank:]
+    delta = vk @ vk.t() @ m.t()  # (d_out, d_in)
+    return delta, my - delta @ mx
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_loaded_fit_folder_computes_the_least_squares_optimum(bias, tmp_path):
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(8, 16), nn.Dropout(0.3), nn.Tanh(), nn.Linear(16, 12)).eval()
+    model = aurora_fx.apply(copy.deepcopy(base), "^3$", dropout=0.0)
+    randomize_adapters(model, std=0.5)
+    calibration = [torch.randn(64, 8, generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    result = to_peft(model, tmp_path, mode="fit", calibration=calibration, rank=2, bias=bias)
+    assert [s.how for s in result.sites] == ["fit"]  # the fit itself is tested, not the static fallback
+    adapter = model[3].adapter
+    with torch.no_grad():
+        fit_batches = [b for i, b in enumerate(calibration) if i % 4 != 3]  # one batch in four is held out
+        h = torch.cat([torch.tanh(base[0](b)) for b in fit_batches]).double()  # the site's inputs, in eval
+        y = adapter.oracle_delta(h.float()).double()
+        if bias:
+            delta, c = _least_squares(h, y, rank=2)
+        else:
+            m = torch.linalg.lstsq(h, y).solution
+            _, vecs = torch.linalg.eigh((h @ m).t() @ (h @ m))
+            delta, c = vecs[:, -2:] @ vecs[:, -2:].t() @ m.t(), torch.zeros(12, dtype=torch.float64)
+        x = torch.randn(32, 8)
+        hx = torch.tanh(base[0](x))
+        expected = base(x) + (hx.double() @ delta.t() + c).float()
+        loaded = _load_with_peft(base, tmp_path)(x)
+    torch.testing.assert_close(loaded, expected, rtol=1e-4, atol=1e-4)

@@ -101,3 +101,13 @@ def test_property_fused_equals_reference(shape, d_in, d_out, r, dtype, z_scale, 
     tol = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 0.1}[dtype]
     scale = 1.0 + expected.abs().max().item() if expected.numel() else 1.0
     torch.testing.assert_close(out.float(), expected.float(), rtol=0, atol=tol * scale)
+
+
+@pytest.mark.parametrize(("grid_size", "grid_range"), [(7, (-2.0, 2.0)), (3, (-0.5, 1.5))])
+def test_the_op_matches_the_oracle_off_the_default_grid(grid_size, grid_range):
+    knots = AF.spline_knots(grid_size, 3, grid_range, dtype=torch.float64)
+    step = (grid_range[1] - grid_range[0]) / grid_size
+    base, x, A, B, H, _ = _args(z_scale=2.0)
+    Ws = torch.randn(2, grid_size + 3, dtype=torch.float64)
+    out, _ = aurora_delta_add(base, x, A, B, H, Ws, 2.0, grid_range[0], step)
+    torch.testing.assert_close(out, base + AF.aurora_delta(x, A, B, H, Ws, knots, 2.0), **TOLERANCES[torch.float64])

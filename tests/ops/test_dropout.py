@@ -61,3 +61,11 @@ def test_adapters_use_it_and_it_is_an_nn_dropout():
 
 def test_docstring_example_runs():
     assert doctest.testmod(D).failed == 0
+
+
+def test_mask_elements_are_drawn_independently():
+    torch.manual_seed(0)
+    keep = keep_mask((200_000,), 0.5).float()
+    assert keep.mean().item() == pytest.approx(0.5, abs=0.005)
+    for lag in (1, 2, 3, 4, 5):  # neighbours agree half the time, as independent draws do
+        assert (keep[lag:] == keep[:-lag]).float().mean().item() == pytest.approx(0.5, abs=0.005)
