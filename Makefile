@@ -16,7 +16,7 @@ LOCKENV ?= .venv-lock
 PYTEST_ARGS ?=
 VERSIONS := import torch, timm, transformers, onnxruntime, peft; print('installed: torch', torch.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__, '| timm', timm.__version__, '| onnxruntime', onnxruntime.__version__)
 
-.PHONY: demo test lint bench clean install lock test-latest clients
+.PHONY: demo test lint bench clean install lock test-latest clients mutants
 
 install: $(STAMP)
 
@@ -57,6 +57,10 @@ bench: $(STAMP)
 # under ~/.cache/aurora_fx/clients (built once: about 25 minutes); writes benchmarks/results/clients.json.
 clients: $(STAMP)
 	$(PY) benchmarks/clients.py
+
+# Plant each bug of tests/mutation/mutants.py in a copy of the tree and run its tests (not in CI; ~20 minutes).
+mutants: $(STAMP)
+	$(PY) tests/mutation/run.py
 
 clean:
 	rm -rf $(VENV) $(LATEST) $(LOCKENV) .pytest_cache .hypothesis
