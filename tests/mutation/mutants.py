@@ -83,7 +83,7 @@ MUTANTS: list[Mutant] = [
     Mutant("aroma-masks-per-rank", "aurora_fx/aroma.py", "torch.rand(whole.shape, generator=gen)",
            "torch.rand(whole.shape)", SYNC, "the moment-reset masks drawn from each rank's global RNG"),
     # -- dropout masks under compile and checkpointing
-    Mutant("mask-order-counter", "aurora_fx/ops/dropout.py", "    order.add_(1)\n", "", MIXED,
+    Mutant("mask-order-counter", "aurora_fx/ops/dropout.py", 'mutates_args=("order",),', "mutates_args=(),", MIXED,
            "the mask op no longer orders its draws (inductor reorders them)"),
     Mutant("mask-two-paths", "aurora_fx/ops/dropout.py",
            "        return torch.ops.aurora_fx.keep_mask(_order(device), list(shape), p)",
@@ -175,5 +175,5 @@ MUTANTS: list[Mutant] = [
            "        return LoraFactors(self.A.detach(), self.B.detach(), 2 * self.scale)", PEFT,
            "LoRA exported at twice its scale"),
     Mutant("fingerprint-off", "aurora_fx/checkpoint.py", "    if check_base:\n", "    if False:\n",
-           ("tests/test_checkpoint.py",), "adapters load onto another base without a word"),
+           ("tests/test_checkpoint.py", "tests/test_first_hour.py"), "adapters load onto another base without a word"),
 ]
