@@ -5,62 +5,60 @@ Example:
     >>> aurora_fx.sites(model, pattern="query|value")        # dry run: what would be adapted
     >>> aurora_fx.apply(model, pattern="query|value")         # AuroRA r̃=2, α=4, fused op
     >>> optimizer = torch.optim.AdamW(aurora_fx.trainable_parameters(model), lr=2e-3)
+
+``import aurora_fx`` itself imports nothing heavy (not even torch): each public name below is loaded
+from its module on first use, after the built-in methods (aurora, lora, aroma) have registered
+themselves, so the command line and ``--help`` start at once.
 """
 
-import aurora_fx.methods  # noqa: F401, I001  (registers the built-in methods: aurora, lora, aroma)
-from aurora_fx.aroma import AromaController
-from aurora_fx.checkpoint import load_adapters, save_adapters
-from aurora_fx.config import AromaConfig, AuroraConfig, LoraConfig
-from aurora_fx.inventory import adapters, trainable_parameters
-from aurora_fx.passes.match import find_sites as sites
-from aurora_fx.peft_import import load_peft_lora
-from aurora_fx.pretrained import from_pretrained
-from aurora_fx.records import AdapterInfo, Site, SiteTable
-from aurora_fx.registry import register_adapter
-from aurora_fx.report import AdapterReport, inspect
-from aurora_fx.surgery import apply, disable_adapters, merge, unload
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-# Loaded on first use, so that ``import aurora_fx`` imports neither transformers, PEFT nor onnx.
-_LAZY = {"export": ("aurora_fx.export", None), "AromaCallback": ("aurora_fx.aroma_callback", "AromaCallback")}
+# Public name → (module, attribute); None means the module itself.
+_PUBLIC: dict[str, tuple[str, str | None]] = {
+    "apply": ("aurora_fx.surgery", "apply"),
+    "sites": ("aurora_fx.passes.match", "find_sites"),
+    "adapters": ("aurora_fx.inventory", "adapters"),
+    "trainable_parameters": ("aurora_fx.inventory", "trainable_parameters"),
+    "disable_adapters": ("aurora_fx.surgery", "disable_adapters"),
+    "merge": ("aurora_fx.surgery", "merge"),
+    "unload": ("aurora_fx.surgery", "unload"),
+    "save_adapters": ("aurora_fx.checkpoint", "save_adapters"),
+    "load_adapters": ("aurora_fx.checkpoint", "load_adapters"),
+    "load_peft_lora": ("aurora_fx.peft_import", "load_peft_lora"),
+    "from_pretrained": ("aurora_fx.pretrained", "from_pretrained"),
+    "inspect": ("aurora_fx.report", "inspect"),
+    "AdapterReport": ("aurora_fx.report", "AdapterReport"),
+    "AromaController": ("aurora_fx.aroma", "AromaController"),
+    "AromaCallback": ("aurora_fx.aroma_callback", "AromaCallback"),
+    "register_adapter": ("aurora_fx.registry", "register_adapter"),
+    "export": ("aurora_fx.export", None),
+    "AuroraConfig": ("aurora_fx.config", "AuroraConfig"),
+    "LoraConfig": ("aurora_fx.config", "LoraConfig"),
+    "AromaConfig": ("aurora_fx.config", "AromaConfig"),
+    "Site": ("aurora_fx.records", "Site"),
+    "SiteTable": ("aurora_fx.records", "SiteTable"),
+    "AdapterInfo": ("aurora_fx.records", "AdapterInfo"),
+}
+
+__all__ = [*_PUBLIC, "__version__"]
 
 
-def __getattr__(name: str):
-    """``aurora_fx.export`` and ``aurora_fx.AromaCallback``, imported when first asked for."""
-    if name not in _LAZY:
+def __getattr__(name: str) -> Any:
+    """The public names of ``__all__``, imported when first asked for (then cached as attributes)."""
+    if name not in _PUBLIC:
         raise AttributeError(f"module 'aurora_fx' has no attribute {name!r}")
-    import importlib
-
-    module_name, attr = _LAZY[name]
+    importlib.import_module("aurora_fx.methods")  # the built-in methods register themselves
+    module_name, attr = _PUBLIC[name]
     module = importlib.import_module(module_name)
     value = module if attr is None else getattr(module, attr)
     globals()[name] = value
     return value
 
-__all__ = [
-    "apply",
-    "sites",
-    "adapters",
-    "trainable_parameters",
-    "disable_adapters",
-    "merge",
-    "unload",
-    "save_adapters",
-    "load_adapters",
-    "load_peft_lora",
-    "from_pretrained",
-    "inspect",
-    "AdapterReport",
-    "AromaController",
-    "AromaCallback",
-    "register_adapter",
-    "export",
-    "AuroraConfig",
-    "LoraConfig",
-    "AromaConfig",
-    "Site",
-    "SiteTable",
-    "AdapterInfo",
-    "__version__",
-]
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_PUBLIC])

@@ -21,6 +21,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+import aurora_fx.methods  # noqa: F401, I001  (the built-in methods register themselves)
 from aurora_fx.adapter_record import install_record_hooks
 from aurora_fx.fastpaths import guard_fast_paths
 from aurora_fx.model_state import model_state, update_model_state

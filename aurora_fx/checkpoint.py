@@ -27,6 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_save
 from torch import nn
 
+import aurora_fx.methods  # noqa: F401, I001  (the built-in methods register themselves)
 from aurora_fx.adapter_record import FORMAT, FORMAT_VERSION, adapter_metadata
 from aurora_fx.atomic import atomic_write_bytes
 from aurora_fx.attach import attach, resolve_trainable

@@ -218,6 +218,7 @@ def _add_sites(sub) -> None:
 
 
 def _add_train(sub) -> None:
+    import aurora_fx.methods  # noqa: F401  (registers the built-in methods)
     from aurora_fx.registry import method_names
 
     p = sub.add_parser("train", help="fine-tune a sequence classifier and save the adapter checkpoint")

@@ -201,11 +201,11 @@ def test_cli_errors_name_options_and_ctrl_c_is_one_line(monkeypatch, capsys):
     assert capsys.readouterr().err == "aurora-fx: interrupted\n"
 
 
-def test_import_aurora_fx_leaves_transformers_peft_and_onnx_for_later():
+def test_import_aurora_fx_leaves_torch_transformers_peft_and_onnx_for_later():
     import subprocess
     import sys
 
-    heavy = ("transformers", "peft", "onnx", "onnxscript", "networkx")
+    heavy = ("torch", "transformers", "peft", "onnx", "onnxscript", "networkx")
     code = f"import sys, aurora_fx; print([m for m in {heavy!r} if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"

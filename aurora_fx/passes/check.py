@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 from torch import nn
 
+import aurora_fx.methods  # noqa: F401, I001  (the built-in methods register themselves)
 from aurora_fx.config import AdapterConfig
 from aurora_fx.passes.pattern import Matcher
 from aurora_fx.records import Site, SiteRequest, SiteTable
