@@ -74,8 +74,9 @@ _ORDER: dict[torch.device, Tensor] = {}  # per device: a counter every mask draw
 def _order(device: torch.device) -> Tensor:
     """The device's draw counter (a 0-d int64 tensor).
 
-    Draws from one generator depend on their order. Each traced draw increments this counter, so
-    compiled graphs see a chain of writes to one buffer and keep the draws in program order: inductor's
+    Draws from one generator depend on their order. The mask op declares that it writes this counter
+    (``mutates_args``), so compiled graphs see a chain of writes to one buffer and keep the draws in
+    program order (the declaration is the guard; the increment keeps it truthful): inductor's
     scheduler reorders independent extern calls (the masks of q_proj and v_proj, which read the same
     input, came out swapped), and an ordered effect token did not stop it in torch 2.14.
     """
