@@ -59,9 +59,12 @@ def main() -> int:
             rows.append({"name": mutant.name, "file": mutant.file, "what": mutant.what, "verdict": verdict,
                          "seconds": round(seconds, 1), "tests": list(mutant.tests)})
             print(f"[{i}/{len(chosen)}] {verdict:8s} {mutant.name}: {mutant.what}", flush=True)
+    out = ROOT / "benchmarks" / "results" / "mutants.json"
+    if wanted and out.exists():  # a partial run updates its rows of the last full table
+        fresh = {r["name"]: r for r in rows}
+        rows = [fresh.pop(r["name"], r) for r in json.loads(out.read_text())["rows"]] + list(fresh.values())
     caught = sum(r["verdict"].startswith("caught") for r in rows)
     print(f"\n{caught} of {len(rows)} mutants caught")
-    out = ROOT / "benchmarks" / "results" / "mutants.json"
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     out.write_text(json.dumps({"commit": commit.stdout.strip(), "caught": caught, "total": len(rows), "rows": rows},
                               indent=2))
