@@ -178,3 +178,24 @@ def test_a_site_under_autocast_computes_and_returns_the_autocast_dtype(method, p
     torch.manual_seed(1)
     expected = reference(x.to(torch.bfloat16))
     torch.testing.assert_close(y.float(), expected.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_under_autocast_the_compiled_delta_op_equals_eager():
+    """``aurora_delta_add``'s autocast rule: a compiled graph calls the op through the dispatcher, where only the
+    rule casts its inputs as eager autocast does; without it the compiled adapter computes in float32 and lands
+    one bf16 step away from eager."""
+    torch.manual_seed(0)
+    model = aurora_fx.apply(nn.Sequential(nn.Linear(32, 24)), "0", dropout=0.2).train()  # the delta-op path
+    for p in aurora_fx.trainable_parameters(model):
+        nn.init.normal_(p, 0, 0.2)
+    x = torch.randn(16, 32)
+
+    def run(f):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.manual_seed(1)
+            return f(x)
+
+    eager = run(model)
+    compiled = run(torch.compile(model, backend="aot_eager", fullgraph=True))
+    assert compiled.dtype == eager.dtype == torch.bfloat16
+    assert torch.equal(compiled, eager)
