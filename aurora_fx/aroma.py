@@ -70,8 +70,10 @@ class AromaLR(torch.optim.lr_scheduler.LambdaLR):
     def rewarm(self) -> None:
         """Restart the linear re-warm from the current step (called by the controller at a merge)."""
         self.last_merge = self.last_epoch
-        for group, lr in zip(self.optimizer.param_groups, self.get_lr(), strict=False):
+        rates = [base * factor(self.last_epoch) for base, factor in zip(self.base_lrs, self.lr_lambdas, strict=True)]
+        for group, lr in zip(self.optimizer.param_groups, rates, strict=True):  # (get_lr() warns outside step())
             group["lr"] = lr
+        self._last_lr = rates
 
 
 class _Rewarm:
@@ -323,10 +325,8 @@ class AromaController:
                 converged.append(t.path)
         merged = [t.path for t in merging]
         self._reset_moments(gen)
-        if self._rewarm is None:
-            self.scheduler.rewarm()
-        elif merged:
-            self._rewarm.start()
+        if merged:  # a re-warm follows a merge only (an outer step may just stop sites)
+            self.scheduler.rewarm() if self._rewarm is None else self._rewarm.start()
         self.all_converged = self.all_converged + 1 if all(t.converged for t in self.tracks) else 0
         self._log(merged, converged)
 

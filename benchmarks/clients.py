@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 from client_envs import CLIENTS, converter_scripts, default_cache, ensure  # noqa: E402
-from common import git_commit, write_json  # noqa: E402
+from common import write_json  # noqa: E402
 
 import aurora_fx  # noqa: E402
 
@@ -160,7 +160,7 @@ def main() -> None:
         spec = _artifacts(work)
         rows = [row for name in names for row in _rows(name, _run_client(name, spec, cache, work), spec["reference"])]
     print(_table(rows))
-    write_json("clients.json", {"commit": git_commit(), "prompt": PROMPT, "new_tokens": NEW,
+    write_json("clients.json", {"prompt": PROMPT, "new_tokens": NEW,
                                                    "rows": rows})
 
 

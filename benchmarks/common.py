@@ -80,6 +80,6 @@ def write_json(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / name
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"environment": environment(), **payload}, indent=2))
+    tmp.write_text(json.dumps({"environment": environment(), "commit": git_commit(), **payload}, indent=2))
     os.replace(tmp, path)
     return path

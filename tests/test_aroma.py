@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -183,8 +184,11 @@ def test_aroma_lr_rewarms_after_a_merge():
         optimizer.step()
         scheduler.step()
     before = optimizer.param_groups[0]["lr"]
-    scheduler.rewarm()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (no "get_lr() called outside step()")
+        scheduler.rewarm()
     assert optimizer.param_groups[0]["lr"] == pytest.approx(before / 20, rel=0.05)
+    assert scheduler.get_last_lr() == [optimizer.param_groups[0]["lr"]]
     for _ in range(19):
         optimizer.step()
         scheduler.step()
@@ -264,3 +268,20 @@ def test_the_tracked_effective_weight_norm_is_exact_after_merges():
             dense = t.weight.double() + t.adapter.U.double() @ t.adapter.V.double()
             assert t.wnorm2 == pytest.approx(float((dense ** 2).sum()), rel=1e-6)  # (W·V is float32)
     assert all(t.adapter.merged_rank >= 2 for t in controller.tracks)
+
+
+def test_an_outer_step_that_only_stops_sites_does_not_rewarm():
+    model, _ = _toy()
+    optimizer = torch.optim.Adam(aurora_fx.trainable_parameters(model), lr=1.0)
+    scheduler = AromaLR(optimizer, max_steps=1000, first_warmup=1, rewarm_steps=20)
+    controller = AromaController(model, optimizer, scheduler, max_inner_steps=1, outer_threshold=1e9)
+    with torch.no_grad():
+        for t in controller.tracks:
+            t.adapter.B.normal_(0, 0.1)
+    controller._outer_step()  # the first piece is always merged: a re-warm
+    assert scheduler.last_merge == 0
+    for _ in range(5):
+        optimizer.step()
+        scheduler.step()
+    controller._outer_step()  # every site stops by the threshold, nothing merges: no re-warm
+    assert controller.history[-1].merged == () and scheduler.last_merge == 0

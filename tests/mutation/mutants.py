@@ -161,6 +161,12 @@ MUTANTS: list[Mutant] = [
     Mutant("resume-no-counters", "aurora_fx/aroma.py",
            '        for name, value in state["counters"].items():\n            setattr(self, name, value)\n', "",
            ("tests/test_aroma_resume.py",), "a resumed controller restarts its counters"),
+    Mutant("aromalr-get-lr", "aurora_fx/aroma.py",
+           "rates = [base * factor(self.last_epoch) for base, factor in zip(self.base_lrs, self.lr_lambdas, strict=True)]",
+           "rates = self.get_lr()", ("tests/test_aroma.py",), "AromaLR.rewarm calls get_lr() outside step() (warns)"),
+    Mutant("rewarm-without-merge", "aurora_fx/aroma.py",
+           "        if merged:  # a re-warm follows a merge only (an outer step may just stop sites)\n",
+           "        if True:\n", ("tests/test_aroma.py",), "a re-warm after an outer step that merged nothing"),
     # -- core math
     Mutant("lora-scale", "aurora_fx/functional.py", "    return F.linear(F.linear(x, A), B) * scale",
            "    return F.linear(F.linear(x, A), B) * (scale + 1.0)", ("tests/test_functional.py", "tests/test_models.py"),
