@@ -167,6 +167,9 @@ MUTANTS: list[Mutant] = [
     Mutant("rewarm-without-merge", "aurora_fx/aroma.py",
            "        if merged:  # a re-warm follows a merge only (an outer step may just stop sites)\n",
            "        if True:\n", ("tests/test_aroma.py",), "a re-warm after an outer step that merged nothing"),
+    Mutant("lora-grad-b-scale", "aurora_fx/ops/lora_delta.py",
+           "grad_B = tn(t2, g).t() * ctx.scale if need[3] else None", "grad_B = tn(t2, g).t() if need[3] else None",
+           ("tests/ops/test_custom_ops.py",), "lora_delta_add's dL/dB without the scale"),
     # -- core math
     Mutant("lora-scale", "aurora_fx/functional.py", "    return F.linear(F.linear(x, A), B) * scale",
            "    return F.linear(F.linear(x, A), B) * (scale + 1.0)", ("tests/test_functional.py", "tests/test_models.py"),
