@@ -7,7 +7,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
+import aurora_fx
 from aurora_fx.cli import main
 from aurora_fx.data import load_bbc
 
@@ -49,7 +51,20 @@ def test_sites_on_a_timm_model(capsys):
 
 
 def test_train_end_to_end_on_a_bbc_folder(trained, capsys):
-    assert (trained / "adapters.safetensors").is_file()
+    from aurora_fx.checkpoint import read_checkpoint
+
+    ckpt = read_checkpoint(trained / "adapters.safetensors")
+    assert len(ckpt.sites) == 12 and {s.config.method for s in ckpt.sites} == {"aurora"}
+    bs = [t for k, t in ckpt.tensors.items() if k.endswith("/B")]
+    assert len(bs) == 12 and all(torch.count_nonzero(b) > 0 for b in bs)  # the adapters trained (B starts at 0)
+    assert ckpt.trainable_modules == ("classifier",) and any(k.startswith("modules/classifier.") for k in ckpt.tensors)
+    from transformers import BertForSequenceClassification
+
+    from aurora_fx.data import minilm_path
+
+    assert ckpt.extra["num_labels"] == len(ckpt.extra["labels"]) and ckpt.extra["steps"] == 6
+    base = BertForSequenceClassification.from_pretrained(minilm_path(), num_labels=ckpt.extra["num_labels"])
+    aurora_fx.load_adapters(base, trained / "adapters.safetensors")  # and it loads onto a fresh base
 
 
 def test_inspect_prints_the_report(trained, capsys):
