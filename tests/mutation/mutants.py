@@ -170,6 +170,12 @@ MUTANTS: list[Mutant] = [
     Mutant("lora-grad-b-scale", "aurora_fx/ops/lora_delta.py",
            "grad_B = tn(t2, g).t() * ctx.scale if need[3] else None", "grad_B = tn(t2, g).t() if need[3] else None",
            ("tests/ops/test_custom_ops.py",), "lora_delta_add's dL/dB without the scale"),
+    Mutant("triton-first-block-grads", "aurora_fx/ops/triton_ops.py", "    return g_z, g_h.sum(0), g_ws.sum(0)",
+           "    return g_z, g_h[0], g_ws[0]", ("tests/ops/test_triton.py",),
+           "only the first row block's dL/dH, dL/dWs summed (Triton)"),
+    Mutant("triton-column-tile", "aurora_fx/ops/triton_kernels.py",
+           "    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)", "    cols = tl.arange(0, BLOCK_D)",
+           ("tests/ops/test_triton.py",), "the rank update ignores its column tile (Triton)"),
     # -- core math
     Mutant("lora-scale", "aurora_fx/functional.py", "    return F.linear(F.linear(x, A), B) * scale",
            "    return F.linear(F.linear(x, A), B) * (scale + 1.0)", ("tests/test_functional.py", "tests/test_models.py"),

@@ -29,8 +29,9 @@ def cases() -> list[dict]:
 
 
 def test_every_case_ran(cases):
-    assert len([c for c in cases if c["op"] == "aurora"]) == 2 * 4 * 2
-    assert len([c for c in cases if c["op"] == "lora"]) == 2 * 4
+    assert len([c for c in cases if c["op"] == "aurora"]) == 2 * 4 * 2 + 2
+    assert len([c for c in cases if c["op"] == "lora"]) == 2 * 4 + 2
+    assert any(c["op"] == "aurora" and c["n"] > 2 * 64 and c["d_out"] > 2 * 64 for c in cases)  # multi-block
     assert any(c["op"] == "aurora" and c["z_outside"] > 0.1 for c in cases)  # z beyond the grid was seen
 
 
