@@ -112,7 +112,7 @@ def make_config(
         alpha: Overrides the method's default alpha.
         dropout: Overrides the method's default dropout.
         config: A ready aurora_fx config (``apply`` converts a ``peft.LoraConfig`` first, with
-            ``aurora_fx.peft_import.as_aurora_config``); then ``rank``/``alpha``/``dropout`` must be unset.
+            ``aurora_fx.peft_config.as_aurora_config``); then ``rank``/``alpha``/``dropout`` must be unset.
 
     Raises:
         ValueError: Unknown method, invalid values, or both ``config`` and loose fields.

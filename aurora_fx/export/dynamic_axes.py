@@ -70,18 +70,18 @@ def traceable(args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any
     Each group of inputs sharing a dimension is tiled together, so the shapes stay consistent; the
     user's own example is still the one verified.
     """
-    named = _named(args, kwargs)
-    groups = {"batch": [(n, 0) for n, t in named if 0 in dynamic_dims(t, n)]}
-    for n, t in named:
+    named = dict(_named(args, kwargs))
+    groups = {"batch": [(n, 0) for n, t in named.items() if 0 in dynamic_dims(t, n)]}
+    for n, t in named.items():
         if 1 in dynamic_dims(t, n):
             groups.setdefault(seq_group(n), []).append((n, 1))
     tile: dict[str, list[int]] = {}
     for members in groups.values():
-        if members and all(dict(named)[n].shape[axis] == 1 for n, axis in members):
+        if members and all(named[n].shape[axis] == 1 for n, axis in members):
             for n, axis in members:
                 tile.setdefault(n, []).append(axis)
     out = {}
-    for n, t in named:
+    for n, t in named.items():
         for axis in tile.get(n, ()):
             t = _tiled(t, axis)
         out[n] = t
