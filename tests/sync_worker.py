@@ -57,6 +57,7 @@ def main() -> None:
     history = [[h.outer, h.step, list(h.merged), list(h.converged)] for h in controller.history]
     (Path(args.out) / f"rank{rank}.json").write_text(json.dumps({"history": history, "fresh": fresh,
                                                                        "masks": masks}))
+    dist.barrier()  # both ranks done with every collective before gloo tears down (an abort otherwise, rarely)
     dist.destroy_process_group()
 
 
