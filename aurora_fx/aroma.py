@@ -35,8 +35,7 @@ from aurora_fx import functional as AF
 from aurora_fx.attach import rebuild_owner
 from aurora_fx.config import AromaConfig
 from aurora_fx.distributed import agree, assign, full
-from aurora_fx.owners import iter_bindings
-from aurora_fx.records import weight_out_in
+from aurora_fx.owners import iter_units
 
 if TYPE_CHECKING:
     from aurora_fx.methods.aroma import AromaAdapter
@@ -231,11 +230,10 @@ class AromaController:
     @staticmethod
     def _collect(model: nn.Module) -> list[_Track]:
         tracks = []
-        for owner, gm, b in iter_bindings(model):
-            adapter = gm.get_submodule(b.attr)
+        for unit in iter_units(model):  # an expert site's experts one by one: each grows on its own
+            adapter = unit.adapter
             if isinstance(adapter.config, AromaConfig):
-                weight = weight_out_in(gm._parameters[b.param], b.layout)
-                tracks.append(_Track(b.site, owner, adapter, weight, _weff_norm2(adapter, weight),
+                tracks.append(_Track(unit.site, unit.owner, adapter, unit.weight, _weff_norm2(adapter, unit.weight),
                                      converged=adapter.frozen, merges=adapter.pieces))
         if not tracks:
             raise ValueError("AromaController needs AROMA adapters, and this model has none; call "

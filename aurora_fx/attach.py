@@ -18,14 +18,24 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.fx as fx
 from torch import nn
 
 import aurora_fx.methods  # noqa: F401, I001  (the built-in methods register themselves)
 from aurora_fx.adapter_record import install_record_hooks
 from aurora_fx.fastpaths import guard_fast_paths
+from aurora_fx.methods.experts import ExpertAdapters
 from aurora_fx.model_state import model_state, update_model_state
-from aurora_fx.owners import Binding, adapter_attr, build_owner, iter_bindings, owner_graph, owner_state, swap_module
+from aurora_fx.owners import (
+    Binding,
+    ExpertOwner,
+    adapter_attr,
+    build_expert_owner,
+    build_owner,
+    iter_bindings,
+    owner_graph,
+    owner_state,
+    swap_module,
+)
 from aurora_fx.passes.check import require
 from aurora_fx.passes.fuse import fuse_adapters, is_fused
 from aurora_fx.passes.insert_adapters import copy_graph, insert_adapters
@@ -45,7 +55,7 @@ class OwnerPlan:
     """A rewritten owner, built but not yet in the model."""
 
     path: str
-    module: fx.GraphModule
+    module: nn.Module  # a GraphModule, or an ExpertOwner for expert sites
     new_bindings: tuple[Binding, ...]
 
 
@@ -100,30 +110,51 @@ def plan_owners(model: nn.Module, requests: list[SiteRequest], fuse: bool,
 def _plan_owner(model: nn.Module, path: str, requests: list[SiteRequest], fuse: bool,
                 dtype: torch.dtype | None) -> OwnerPlan:
     current = get_submodule(model, path)
+    _one_device(current, path)
+    adapters, bindings = _new_adapters(current, requests, dtype)
     state = owner_state(current)
+    old = state.bindings if state is not None else ()
+    if requests[0].site.kind == "expert":
+        return OwnerPlan(path, build_expert_owner(current, adapters, old + bindings), bindings)
     graph = copy_graph(current.graph) if state is not None else owner_graph(current)
+    gm = build_owner(current, graph, adapters, old + bindings)
+    gm = insert_adapters(gm, bindings).graph_module
+    if fuse:
+        gm = fuse_adapters(gm, [b.attr for b in bindings]).graph_module
+    return OwnerPlan(path=path, module=gm, new_bindings=bindings)
+
+
+def _one_device(current: nn.Module, path: str) -> None:
     devices = {p.device for p in current.parameters(recurse=False)}
     if len(devices) > 1:
         names = ", ".join(sorted(map(str, devices)))
         raise ValueError(f"{path or '<root>'} has parameters on several devices ({names}); "
                          f"move the module to one device before aurora_fx.apply")
+
+
+def _new_adapters(current: nn.Module, requests: list[SiteRequest], dtype: torch.dtype | None
+                  ) -> tuple[dict[str, nn.Module], tuple[Binding, ...]]:
+    """A fresh adapter per request (an ``ExpertAdapters`` family for an expert site), and its binding."""
     adapters, bindings = {}, []
     for request in requests:
         site = request.site
         weight = current._parameters[site.param]
         attr = adapter_attr(current, site.param)
-        adapters[attr] = build_adapter(request.config, site.in_features, site.out_features,
-                                       device=weight.device, dtype=adapter_dtype(weight.dtype, dtype))
+        adapters[attr] = _build(request, weight, adapter_dtype(weight.dtype, dtype))
         bindings.append(Binding(site.path, site.param, attr, site.kind, site.layout))
-    old = state.bindings if state is not None else ()
-    gm = build_owner(current, graph, adapters, old + tuple(bindings))
-    gm = insert_adapters(gm, bindings).graph_module
-    if fuse:
-        gm = fuse_adapters(gm, [b.attr for b in bindings]).graph_module
-    return OwnerPlan(path=path, module=gm, new_bindings=tuple(bindings))
+    return adapters, tuple(bindings)
 
 
-def rebuild_owner(model: nn.Module, path: str) -> fx.GraphModule:
+def _build(request: SiteRequest, weight: torch.Tensor, dtype: torch.dtype) -> nn.Module:
+    site, config = request.site, request.config
+    one = lambda: build_adapter(config, site.in_features, site.out_features, device=weight.device,  # noqa: E731
+                                dtype=dtype)
+    if site.kind != "expert":
+        return one()
+    return ExpertAdapters([one() for _ in range(site.experts)], config)
+
+
+def rebuild_owner(model: nn.Module, path: str) -> nn.Module:
     """Regenerate the owner at ``path``'s graph from its original forward and its adapters' graphs.
 
     An adapter whose ``trace_key()`` changed (an AROMA site that stopped computes its frozen factors
@@ -131,6 +162,8 @@ def rebuild_owner(model: nn.Module, path: str) -> fx.GraphModule:
     buffers, adapters and hooks (wrappers such as FSDP2 hold on to it); only its code changes.
     """
     current = get_submodule(model, path)
+    if isinstance(current, ExpertOwner):  # no graph: the routing calls the adapters as they are now
+        return current
     state = owner_state(current)
     fused = [b.attr for b in state.bindings if is_fused(current, b.attr)]
     scratch = build_owner(current, owner_graph(state.original), {}, state.bindings)
@@ -176,7 +209,7 @@ def _freeze_base(model: nn.Module, trainable: tuple[str, ...]) -> None:
         for p in get_submodule(model, path).parameters():
             p.requires_grad_(True)
     for _, gm, binding in iter_bindings(model):
-        adapter = gm.get_submodule(binding.attr)
-        for name in adapter.adapter_params():
-            getattr(adapter, name).requires_grad_(adapter.trains)
+        for _, adapter in gm.get_submodule(binding.attr).units():
+            for name in adapter.adapter_params():
+                adapter.get_parameter(name).requires_grad_(adapter.trains)
     update_model_state(model, trainable_modules=trainable)

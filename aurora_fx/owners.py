@@ -14,9 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch.fx as fx
-from torch import nn
+from torch import Tensor, nn
 
-from aurora_fx.records import Layout, SiteKind
+from aurora_fx.expert_routing import ExpertRouting
+from aurora_fx.records import Layout, SiteKind, weight_out_in
 from aurora_fx.tracing import get_submodule, trace_own_forward
 
 __all__ = [
@@ -31,6 +32,10 @@ __all__ = [
     "iter_owners",
     "iter_bindings",
     "adapter_attr",
+    "ExpertOwner",
+    "build_expert_owner",
+    "AdapterUnit",
+    "iter_units",
 ]
 
 _STATE_KEY = "aurora_fx"
@@ -77,7 +82,7 @@ class OwnerState:
 
 def owner_state(module: nn.Module) -> OwnerState | None:
     """The ``OwnerState`` of a rewritten owner, or None for any other module."""
-    if isinstance(module, fx.GraphModule):
+    if isinstance(module, (fx.GraphModule, ExpertOwner)):
         state = module.meta.get(_STATE_KEY)
         if isinstance(state, OwnerState):
             return state
@@ -95,6 +100,8 @@ def owner_graph(module: nn.Module) -> fx.Graph:
     Raises:
         TraceError: fx cannot trace it alone (see ``tracing.trace_own_forward``).
     """
+    if isinstance(module, ExpertOwner):
+        raise TypeError("an experts owner has no fx graph (its forward runs under aurora_fx.expert_routing)")
     return module.graph if owner_state(module) is not None else trace_own_forward(module)
 
 
@@ -190,6 +197,55 @@ def swap_module(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(get_submodule(model, parent_path), name, new)
 
 
+class ExpertOwner:
+    """Base of rewritten experts owners: the original experts class's forward under ``ExpertRouting``.
+
+    An experts module (``aurora_fx.expert_sites``) has a data-dependent forward that torch.fx cannot
+    trace, so it is not rewritten into a graph: ``build_expert_owner`` makes an instance of a subclass of
+    its own class (``AdaptedQwen3MoeExperts``) holding the same members plus the adapter families, whose
+    forward runs the original one inside the routing mode (``aurora_fx.expert_routing``).
+    """
+
+    meta: dict
+
+    def forward(self, *args, **kwargs):
+        """The original experts forward, with each adapted expert weight's adapters added where it computes."""
+        state = self.meta[_STATE_KEY]
+        weights = [(self._parameters[b.param], self._modules[b.attr], b.site, b.layout == "in_out")
+                   for b in state.bindings]
+        with ExpertRouting(weights):
+            return super().forward(*args, **kwargs)
+
+
+_EXPERT_CLASSES: dict[type, type] = {}
+
+
+def _expert_owner_class(cls: type) -> type:
+    if cls not in _EXPERT_CLASSES:
+        _EXPERT_CLASSES[cls] = type(f"Adapted{cls.__name__}", (ExpertOwner, cls), {"__module__": __name__})
+    return _EXPERT_CLASSES[cls]
+
+
+def build_expert_owner(current: nn.Module, adapters: dict[str, nn.Module], bindings: tuple[Binding, ...]) -> nn.Module:
+    """The rewritten experts owner for ``current`` (an experts module, or an earlier rewritten one).
+
+    Same members under the same names (so ``state_dict`` keys stay the original's), plus ``adapters``;
+    the original class's attributes and methods (``num_experts``, ``_apply_gate``, ...) all still work.
+    """
+    state = owner_state(current)
+    original = state.original if state is not None else current
+    cls = _expert_owner_class(type(original))
+    owner = cls.__new__(cls)
+    owner.__dict__.update(current.__dict__)
+    owner._parameters = dict(current._parameters)
+    owner._buffers = dict(current._buffers)
+    owner._non_persistent_buffers_set = set(current._non_persistent_buffers_set)
+    owner._modules = {**current._modules, **adapters}
+    _copy_hooks(current, owner)
+    owner.__dict__["meta"] = {_STATE_KEY: OwnerState(original=original, bindings=bindings)}
+    return owner
+
+
 def iter_owners(model: nn.Module) -> list[tuple[str, fx.GraphModule]]:
     """All rewritten owners in ``model`` as ``(path, module)``."""
     return [(path, m) for path, m in model.named_modules() if owner_state(m) is not None]
@@ -198,3 +254,30 @@ def iter_owners(model: nn.Module) -> list[tuple[str, fx.GraphModule]]:
 def iter_bindings(model: nn.Module) -> list[tuple[str, fx.GraphModule, Binding]]:
     """Every ``(owner path, owner, binding)`` in ``model``, in module order."""
     return [(path, gm, b) for path, gm in iter_owners(model) for b in owner_state(gm).bindings]
+
+
+@dataclass(frozen=True)
+class AdapterUnit:
+    """One adapter and the base weight it updates: a site's adapter, or one expert's in an expert site.
+
+    Attributes:
+        site: The site path, plus ``.<e>`` for expert e of an expert site.
+        owner: Module path of the owner.
+        adapter: The adapter module (never an expert family: its experts one by one).
+        weight: The base weight as ``(d_out, d_in)`` (a view of the owner's parameter).
+    """
+
+    site: str
+    owner: str
+    adapter: nn.Module
+    weight: Tensor
+
+
+def iter_units(model: nn.Module) -> list[AdapterUnit]:
+    """Every adapter of ``model`` one by one, expert sites expanded to their experts, in module order."""
+    units = []
+    for path, gm, b in iter_bindings(model):
+        weight = weight_out_in(gm._parameters[b.param], b.layout)
+        for e, (suffix, adapter) in enumerate(gm.get_submodule(b.attr).units()):
+            units.append(AdapterUnit(b.site + suffix, path, adapter, weight[e] if suffix else weight))
+    return units

@@ -14,9 +14,10 @@ if TYPE_CHECKING:
 __all__ = ["Site", "SiteRequest", "SiteKind", "Layout", "weight_out_in", "Untraceable", "SiteTable", "AdapterInfo",
            "format_table"]
 
-SiteKind = Literal["linear", "conv1d", "functional"]
-"""``linear`` (nn.Linear), ``conv1d`` (HF Conv1D) or ``functional`` (``F.linear``/``@``/``addmm`` on a
-parameter in a module's own forward)."""
+SiteKind = Literal["linear", "conv1d", "functional", "expert"]
+"""``linear`` (nn.Linear), ``conv1d`` (HF Conv1D), ``functional`` (``F.linear``/``@``/``addmm`` on a
+parameter in a module's own forward) or ``expert`` (a 3-D ``(E, ·, ·)`` parameter of a mixture-of-experts
+module: one linear map per expert, ``aurora_fx.expert_sites``)."""
 
 Layout = Literal["out_in", "in_out"]
 """How a site's weight is stored: ``out_in`` = ``(d_out, d_in)`` like nn.Linear, ``in_out`` = ``(d_in, d_out)``
@@ -24,8 +25,8 @@ like HF Conv1D and ``x @ W``."""
 
 
 def weight_out_in(weight: Tensor, layout: Layout) -> Tensor:
-    """The weight as ``(d_out, d_in)`` whatever its layout (a view, never a copy)."""
-    return weight if layout == "out_in" else weight.t()
+    """The weight as ``(d_out, d_in)`` (``(E, d_out, d_in)`` for experts) whatever its layout (a view, never a copy)."""
+    return weight if layout == "out_in" else weight.transpose(-2, -1)
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class Site:
         floating: The weight is floating point and not quantized.
         ndim: Number of dimensions of the weight.
         bypass: How a parent skips this site's owner (it reads the weight directly), or None.
+        experts: For an ``expert`` site, how many experts the parameter holds (one adapter each); else 0.
     """
 
     path: str
@@ -72,6 +74,7 @@ class Site:
     floating: bool = True
     ndim: int = 2
     bypass: str | None = None
+    experts: int = 0
 
     @property
     def adaptable(self) -> bool:
@@ -132,7 +135,7 @@ class SiteTable:
 
     def __str__(self) -> str:
         rows = [
-            (s.path or "<root>", s.kind, f"{s.in_features}→{s.out_features}", "yes" if s.matched else "",
+            (s.path or "<root>", s.kind, _shape(s), "yes" if s.matched else "",
              s.adapted or "", s.reason or "")
             for s in self.sites
         ]
@@ -160,7 +163,7 @@ class AdapterInfo:
         trainable_params: How many of them currently require grad.
         in_features: d_in of the site.
         out_features: d_out of the site.
-        kind: Site kind (linear, conv1d, functional).
+        kind: Site kind (linear, conv1d, functional, expert).
         fused: Whether the owner graph calls the fused op.
         config: The adapter config as a dict.
         details: Method-specific facts (AROMA: pieces merged, effective rank, active piece).
@@ -177,6 +180,11 @@ class AdapterInfo:
     fused: bool
     config: dict[str, Any] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
+
+
+def _shape(site: Site) -> str:
+    shape = f"{site.in_features}→{site.out_features}"
+    return f"{site.experts}×{shape}" if site.experts else shape
 
 
 def format_table(header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> str:

@@ -18,7 +18,7 @@ import torch.fx as fx
 from torch import nn
 
 from aurora_fx.inventory import adapters
-from aurora_fx.owners import iter_bindings, owner_state
+from aurora_fx.owners import ExpertOwner, iter_bindings, owner_state
 from aurora_fx.passes.base import ADAPTER_TAG, ROLE
 from aurora_fx.records import AdapterInfo, format_table
 
@@ -69,6 +69,9 @@ class AdapterReport:
         ``data_input`` (the node's first argument, if a node).
         """
         self.code(site)
+        if site not in self.owner_graphs:
+            raise KeyError(f"{site!r} is an expert site: its owner runs the experts' own forward under "
+                           f"aurora_fx.expert_routing and has no fx graph (report.code({site!r}) says how it runs)")
         import networkx as nx  # (imported on use: ``import aurora_fx`` stays light)
 
         graph = nx.DiGraph(site=site)
@@ -139,6 +142,9 @@ def inspect(model: nn.Module) -> AdapterReport:
     """Report what aurora_fx did to ``model`` (see ``AdapterReport``)."""
     code, graphs = {}, {}
     for _, gm, b in iter_bindings(model):
+        if isinstance(gm, ExpertOwner):
+            code[b.site] = _expert_code(gm, b)
+            continue
         code[b.site] = gm.code
         graphs[b.site] = gm.graph
     params = list(model.parameters())
@@ -151,6 +157,15 @@ def inspect(model: nn.Module) -> AdapterReport:
         owner_graphs=graphs,
         module_types={path: _module_type(m) for path, m in model.named_modules()},
     )
+
+
+def _expert_code(owner: nn.Module, b) -> str:
+    family = owner.get_submodule(b.attr)
+    original = type(owner_state(owner).original)
+    return (f"# {type(owner).__name__}: {original.__module__}.{original.__qualname__}.forward, unchanged, run under\n"
+            f"# aurora_fx.expert_routing.ExpertRouting: wherever it computes with {b.param} (W[e] with F.linear or @,\n"
+            f"# W[ids] with torch.bmm, W with grouped_mm), self.{b.attr}.experts[e] ({family.method}, "
+            f"{family.num_experts} experts) adds its output for the tokens routed to expert e.\n")
 
 
 def _module_type(module: nn.Module) -> str:

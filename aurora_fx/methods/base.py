@@ -15,7 +15,8 @@ other module tests for a concrete adapter class:
 * **math**: ``oracle_delta(x)`` (the functional oracle, what every fast path is tested against),
   ``delta_weight(lossy)`` (the merge) and ``lora_factors(lossy)`` / ``lora_exact`` (the update as
   LoRA factors, for ``export.to_peft``);
-* **sites**: ``check_site(site, config)`` (a method's own refusal, called by ``passes.check``).
+* **sites**: ``check_site(site, config)`` (a method's own refusal, called by ``passes.check``);
+  ``units()`` (the adapters one by one: itself, or an expert family's per-expert adapters).
 
 Adapters never compute the base ``W0·x + b0``: the owner graph adds their output to the base
 node (``passes/insert_adapters.py``), cast to the base output's dtype. All map
@@ -114,8 +115,14 @@ class AdapterBase(nn.Module):
         """Whether its parameters should require grad (False once a method freezes it)."""
         return True
 
+    def units(self) -> tuple[tuple[str, AdapterBase], ...]:
+        """The adapters one by one, as ``(site suffix, adapter)``: ``(("", self),)``; an expert site's
+        family lists ``(".<e>", expert e's adapter)`` (``methods/experts.py``).
+        """
+        return (("", self),)
+
     def adapter_params(self) -> list[str]:
-        """Names of this adapter's own parameters."""
+        """Names of this adapter's own parameters (dotted for nested ones)."""
         return [name for name, _ in self.named_parameters(recurse=False)]
 
     def stored_tensors(self) -> dict[str, Tensor]:

@@ -42,7 +42,9 @@ def _floating(site: Site) -> str | None:
 
 
 def _two_d(site: Site) -> str | None:
-    return None if site.ndim == 2 else f"the weight is {site.ndim}-D; only 2-D weights are linear sites"
+    if site.ndim == 2 or (site.kind == "expert" and site.ndim == 3):
+        return None
+    return f"the weight is {site.ndim}-D; only 2-D weights (and 3-D expert weights) are linear sites"
 
 
 def _not_root(site: Site) -> str | None:

@@ -32,6 +32,7 @@ from collections.abc import Iterable
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from torch import nn
 
 import aurora_fx.ops  # noqa: F401  (registers torch.ops.aurora_fx)
 from aurora_fx.methods.base import Fusion
@@ -48,8 +49,10 @@ def can_fuse(adapter: object) -> str | None:
     return None if isinstance(fusion, Fusion) else fusion
 
 
-def is_fused(gm: fx.GraphModule, attr: str) -> bool:
-    """Whether the adapter at ``attr`` runs as a fused op call in ``gm``."""
+def is_fused(gm: nn.Module, attr: str) -> bool:
+    """Whether the adapter at ``attr`` runs as a fused op call in ``gm`` (never for an experts owner: no graph)."""
+    if not isinstance(gm, fx.GraphModule):
+        return False
     return any(n.meta.get(ADAPTER_TAG) == attr and n.meta.get(ROLE) == Role.FUSED for n in gm.graph.nodes)
 
 

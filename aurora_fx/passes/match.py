@@ -21,6 +21,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from aurora_fx.expert_sites import expert_count, expert_sites
 from aurora_fx.fastpaths import GUARDED_READS
 from aurora_fx.owners import owner_graph, owner_state
 from aurora_fx.passes.base import ADAPTER_TAG
@@ -152,6 +153,11 @@ def _owner_sites(owner_path: str, owner: nn.Module, graph: fx.Graph) -> tuple[li
     return sites, bypassed
 
 
+def _adapted_params(owner: nn.Module) -> dict[str, str]:
+    state = owner_state(owner)
+    return {} if state is None else {b.param: getattr(owner, b.attr).method for b in state.bindings}
+
+
 def _adapted_method(owner: nn.Module, binding: object) -> str | None:
     return None if binding is None else getattr(owner, binding.attr).method
 
@@ -216,6 +222,9 @@ def find_sites(model: nn.Module, pattern: Pattern | Matcher = None, *, include_a
     untraceable: list[Untraceable] = []
     bypassed = _known_bypasses(model)
     for path, owner in iter_param_owners(model):
+        if expert_count(owner) is not None:  # a data-dependent forward: read from what it declares
+            sites.extend(expert_sites(path, owner, _adapted_params(owner)))
+            continue
         try:
             graph = owner_graph(owner)
         except TraceError as exc:
