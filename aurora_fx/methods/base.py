@@ -116,8 +116,9 @@ class AdapterBase(nn.Module):
         return True
 
     def units(self) -> tuple[tuple[str, AdapterBase], ...]:
-        """The adapters one by one, as ``(site suffix, adapter)``: ``(("", self),)``; an expert site's
-        family lists ``(".<e>", expert e's adapter)`` (``methods/experts.py``).
+        """The adapters one by one, as ``(site suffix, adapter)``: ``(("", self),)``.
+
+        An expert site's family lists ``(".<e>", expert e's adapter)`` (``methods/experts.py``).
         """
         return (("", self),)
 
