@@ -190,3 +190,42 @@ class RootFunctional(nn.Module):
 
 def root_functional() -> nn.Module:
     return RootFunctional().eval()
+
+
+# -- mixture-of-experts (transformers 5 experts classes: 3-D expert parameters) ----------------------
+MOE_EXPERTS = 4
+
+
+def qwen3_moe() -> nn.Module:
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    return Qwen3MoeForCausalLM(Qwen3MoeConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, moe_intermediate_size=24, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=MOE_EXPERTS,
+        num_experts_per_tok=2, norm_topk_prob=True)).eval()
+
+
+def mixtral() -> nn.Module:
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    return MixtralForCausalLM(MixtralConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, num_local_experts=MOE_EXPERTS, num_experts_per_tok=2)).eval()
+
+
+def gpt_oss() -> nn.Module:
+    """gpt-oss: transposed expert weights ``(E, in, out)`` with per-expert biases, interleaved gate/up."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    model = GptOssForCausalLM(GptOssConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, num_local_experts=MOE_EXPERTS, num_experts_per_tok=2,
+        layer_types=["sliding_attention", "full_attention"], sliding_window=8)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "experts" in name or "sinks" in name or "router.bias" in name:
+                p.normal_(0.0, 0.1)  # gpt-oss leaves these uninitialised (empty) in _init_weights
+    return model
+
+
+MOE_BUILDERS = {"qwen3_moe": qwen3_moe, "mixtral": mixtral, "gpt_oss": gpt_oss}

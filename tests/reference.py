@@ -62,3 +62,36 @@ def _module_or_none(model: nn.Module, path: str) -> nn.Module | None:
         return model.get_submodule(path)
     except AttributeError:
         return None
+
+
+def experts_reference(owner: nn.Module, hidden, top_k_index, top_k_weights):
+    """An adapted experts module's output from the oracle: a loop over experts on the base weights.
+
+    For each expert e and the rows routed to it: ``W_e·x (+ b_e) + Δ_e(x)`` (``Δ_e`` the expert's
+    ``oracle_delta``), the class's gate, the same for the down projection, weighted and summed. Reads the
+    ``use_experts_implementation`` contract (``is_transposed``, ``has_bias``, ``_apply_gate``).
+    """
+    import torch
+
+    from aurora_fx.owners import owner_state
+
+    families = {b.param: owner.get_submodule(b.attr) for b in owner_state(owner).bindings}
+    out = torch.zeros_like(hidden)
+
+    def project(name, e, x):
+        w = getattr(owner, name)[e]
+        y = x @ w if owner.is_transposed else x @ w.T
+        if owner.has_bias:
+            y = y + getattr(owner, f"{name}_bias")[e]
+        if name in families:
+            y = y + families[name].experts[e].oracle_delta(x)
+        return y
+
+    for e in range(owner.num_experts):
+        token, slot = (top_k_index == e).nonzero(as_tuple=True)
+        if token.numel() == 0:
+            continue
+        h = owner._apply_gate(project("gate_up_proj", e, hidden[token]))
+        y = project("down_proj", e, h)
+        out.index_add_(0, token, y * top_k_weights[token, slot, None])
+    return out
