@@ -169,8 +169,7 @@ class ExpertRouting(TorchFunctionMode):
         source = self._find(kwargs.get("weight", args[1] if len(args) > 1 else None))
         if source is None or source.expert is None or source.io:
             return NotImplemented
-        out = func(*args, **kwargs)
-        return out + source.family.expert_delta(source.expert, x).to(out.dtype)
+        return source.family.add_expert(func(*args, **kwargs), source.expert, x)
 
     def _matmul(self, func, args, kwargs):
         x, w = args[0], args[1]
@@ -178,8 +177,7 @@ class ExpertRouting(TorchFunctionMode):
         if source is None or not source.io:
             return NotImplemented
         if source.expert is not None:
-            out = func(*args, **kwargs)
-            return out + source.family.expert_delta(source.expert, x).to(out.dtype)
+            return source.family.add_expert(func(*args, **kwargs), source.expert, x)
         if source.ids is not None and x.dim() == 3:
             return self._bmm(torch.bmm, (x, w), {})
         return NotImplemented
@@ -189,10 +187,10 @@ class ExpertRouting(TorchFunctionMode):
         left, right = self._find(a), self._find(b)
         if right is not None and right.ids is not None and right.io:  # x (S, k, in) @ W[ids] (S, in, out)
             out = func(*args, **kwargs)
-            return out + _rows(right, a).to(out.dtype)
+            return _add_rows(right, out, a)
         if left is not None and left.ids is not None and not left.io:  # W[ids] (S, out, in) @ x (S, in, k)
             out = func(*args, **kwargs)
-            return out + _rows(left, b.transpose(1, 2)).transpose(1, 2).to(out.dtype)
+            return _add_rows(left, out.transpose(1, 2), b.transpose(1, 2)).transpose(1, 2)
         return NotImplemented
 
     def _grouped(self, func, args, kwargs):
@@ -201,8 +199,7 @@ class ExpertRouting(TorchFunctionMode):
         source = self._find(w)
         if source is None or source.expert is not None or source.ids is not None or not source.io or offs is None:
             return NotImplemented
-        out = func(*args, **kwargs)
-        return out + source.family.grouped_delta(x, offs).to(out.dtype)
+        return source.family.add_grouped(func(*args, **kwargs), x, offs)
 
     def _refuse_others(self, func, args, kwargs) -> None:
         leaves = tree_leaves((args, kwargs))
@@ -218,11 +215,16 @@ class ExpertRouting(TorchFunctionMode):
             f"pattern")
 
 
-def _rows(source: Followed, x: Tensor) -> Tensor:
-    """``Δ`` for ``x`` ``(S, k, d_in)`` whose row s goes to expert ``ids[s]``: ``(S, k, d_out)``."""
+def _add_rows(source: Followed, out: Tensor, x: Tensor) -> Tensor:
+    """``out += Δ`` for ``x`` ``(S, k, d_in)`` and ``out`` ``(S, k, d_out)`` whose row s goes to expert ``ids[s]``."""
     s, k, d_in = x.shape
-    ids = source.ids if k == 1 else source.ids.repeat_interleave(k)
-    return source.family.rows_delta(x.reshape(s * k, d_in), ids).view(s, k, -1)
+    if k == 1:  # batched_mm: one row per (token, expert) pair; a (S, d_out) view of out takes it in place
+        flat = out.select(1, 0)
+        result = source.family.add_rows(flat, x.select(1, 0), source.ids)
+        return out if result is flat else result.unsqueeze(1)
+    ids = source.ids.repeat_interleave(k)
+    delta = source.family.add_rows(out.new_zeros(s * k, out.shape[-1]), x.reshape(s * k, d_in), ids)
+    return out + delta.view(s, k, -1)
 
 
 def _is_transpose(func: Any) -> bool:

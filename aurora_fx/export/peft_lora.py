@@ -217,7 +217,7 @@ def _default_mode(adapters) -> str:
 def _bindings(model: nn.Module):
     out = []
     for owner, gm, b in iter_bindings(model):
-        reason = check_export(b.kind, "PEFT LoRA")
+        reason = None if b.kind == "expert" else check_export(b.kind, "PEFT LoRA")
         if reason:
             raise ValueError(f"site {b.site!r} cannot be written as standard LoRA: {reason}")
         out.append((get_submodule(model, owner), gm.get_submodule(b.attr), b))
@@ -228,14 +228,44 @@ def _bindings(model: nn.Module):
 
 def _factors(model, adapters, mode, calibration, rank, bias):
     """Per site: (factors, bias or None, how, fit record)."""
+    experts = [b.site for _, _, b in adapters if b.kind == "expert"]
+    if experts and mode != "exact":
+        raise ValueError(f"expert sites ({experts[0]}{' and more' if len(experts) > 1 else ''}) are written exactly "
+                         f"only (mode='exact', LoRA and AROMA); mode={mode!r} is not implemented for them. Adapt the "
+                         f"experts with method='lora' or 'aroma' to serve them as PEFT LoRA")
     if mode == "fit":
         if calibration is None:
             raise ValueError("mode='fit' needs calibration=[batch, ...] (model inputs: dicts, tuples or tensors)")
         stats = _collect(model, adapters, calibration)
         return {b.site: _fit_site(a, *stats[b.site], rank or a.rank, bias) for _, a, b in adapters}
     lossy = mode == "static"
-    return {b.site: (a.lora_factors(lossy=lossy), None, "static" if lossy and not a.lora_exact else "exact", {})
+    return {b.site: (_lora_factors(a, b, lossy), None, "static" if lossy and not a.lora_exact else "exact", {})
             for _, a, b in adapters}
+
+
+def _lora_factors(adapter: nn.Module, b, lossy: bool) -> LoraFactors:
+    """The site's LoRA factors; an expert site's in PEFT's ``target_parameters`` layout (``_expert_factors``)."""
+    return _expert_factors(adapter) if b.kind == "expert" else adapter.lora_factors(lossy=lossy)
+
+
+def _expert_factors(family: nn.Module) -> LoraFactors:
+    """E experts' factors as one PEFT ``ParamWrapper`` pair: ``lora_A`` ``(k·E, d_in)``, ``lora_B`` ``(d_out, k·E)``.
+
+    PEFT reads ``lora_A`` as ``(E, k, d_in)`` and ``lora_B`` as ``(d_out, k, E)`` (``lora.ParamWrapper``), so
+    expert e's ``A_e`` is rows ``e·k … e·k+k-1`` and its ``B_e`` column j is ``lora_B[:, j·E + e]``. Experts of
+    lower rank (AROMA) are padded with zero rows/columns to the largest k: the update stays exact.
+    """
+    factors = [a.lora_factors() for _, a in family.units()]
+    if len({f.scale for f in factors}) > 1:
+        raise ValueError("the experts of one site have different scales; PEFT's ParamWrapper has one per site")
+    k = max(f.A.shape[0] for f in factors)
+    a = torch.stack([_pad_rows(full(f.A).float(), k) for f in factors])  # (E, k, d_in)
+    b = torch.stack([_pad_rows(full(f.B).float().t(), k).t() for f in factors])  # (E, d_out, k)
+    return LoraFactors(a.reshape(-1, a.shape[-1]), b.permute(1, 2, 0).reshape(b.shape[1], -1), factors[0].scale)
+
+
+def _pad_rows(t: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.cat([t, t.new_zeros(k - t.shape[0], t.shape[1])]) if t.shape[0] < k else t
 
 
 def to_peft(model: nn.Module, folder: str | os.PathLike, mode: str | None = None, calibration: Iterable | None = None,
@@ -263,12 +293,14 @@ def to_peft(model: nn.Module, folder: str | os.PathLike, mode: str | None = None
     mode = mode or _default_mode(adapters)
     written = _factors(model, adapters, mode, calibration, rank, bias)
     kept = [(a, b) for _, a, b in adapters if written[b.site][0] is not None and written[b.site][0].A.shape[0] > 0]
-    ranks = {b.site: written[b.site][0].A.shape[0] for _, b in kept}  # (an AROMA site that never grew is no target)
+    ranks = {b.site: written[b.site][0].A.shape[0] // _experts(a) for a, b in kept}  # (an AROMA site that never grew
+    # is no target; an expert site's rank is per expert)
+    keys = _peft_keys(model, [b for _, b in kept])
     alpha = _common({site: written[site][0].scale * r for site, r in ranks.items()})
     tensors, sites = {}, []
     for a, b in kept:
         factors, c, how, record = written[b.site]
-        tensors.update(_site_tensors(PEFT_PREFIX + b.site, factors, c, alpha / ranks[b.site]))
+        tensors.update(_site_tensors(keys[b.site], factors, c, alpha / ranks[b.site]))
         sites.append(SiteExport(b.site, a.method, ranks[b.site], how, **record))
     tensors.update(_saved_modules(model))
     config = _config(model, adapters, ranks, alpha, bias and mode == "fit")
@@ -278,6 +310,29 @@ def to_peft(model: nn.Module, folder: str | os.PathLike, mode: str | None = None
     result = PeftExport(Path(folder), mode, tuple(sites), config)
     logger.info("%s", result)
     return result
+
+
+def _experts(adapter: nn.Module) -> int:
+    return len(adapter.units())
+
+
+def _peft_keys(model: nn.Module, bindings) -> dict[str, str]:
+    """The state-dict key prefix PEFT gives each site.
+
+    A module site: ``base_model.model.<site>``. Expert parameters: PEFT wraps them one ``ParamWrapper`` around
+    another in the owner's parameter order, so the j-th of k targeted parameters of one owner sits under
+    ``<owner>`` + ``.base_layer`` × (k-1-j).
+    """
+    keys = {b.site: PEFT_PREFIX + b.site for b in bindings if b.kind != "expert"}
+    by_owner: dict[str, list] = {}
+    for b in bindings:
+        if b.kind == "expert":
+            by_owner.setdefault(b.site[: -len(b.param) - 1], []).append(b)
+    for owner, group in by_owner.items():
+        order = [n for n in get_submodule(model, owner)._parameters if n in {b.param for b in group}]
+        for b in group:
+            keys[b.site] = PEFT_PREFIX + owner + ".base_layer" * (len(order) - 1 - order.index(b.param))
+    return keys
 
 
 def _site_tensors(key: str, factors: LoraFactors, c: torch.Tensor | None, peft_scale: float) -> dict[str, torch.Tensor]:
@@ -343,11 +398,13 @@ def _common(values: dict[str, float]) -> float:
 def _config(model: nn.Module, adapters, ranks: dict[str, int], alpha: float, lora_bias: bool) -> dict:
     r = _common(ranks)
     kinds = {b.kind for _, _, b in adapters if b.site in ranks}
+    experts = sorted(b.site for _, _, b in adapters if b.site in ranks and b.kind == "expert")
     state = model_state(model)
     cls = model_class(model)
     return {
         "peft_type": "LORA", "task_type": None, "r": int(r), "lora_alpha": float(alpha),
-        "target_modules": sorted(ranks), "lora_dropout": 0.0, "bias": "none", "lora_bias": lora_bias,
+        "target_modules": sorted(set(ranks) - set(experts)), "target_parameters": experts or None,
+        "lora_dropout": 0.0, "bias": "none", "lora_bias": lora_bias,
         "use_rslora": False, "use_dora": False, "fan_in_fan_out": "conv1d" in kinds, "init_lora_weights": True,
         "rank_pattern": {re.escape(s): int(v) for s, v in ranks.items() if v != r},
         "modules_to_save": list(state.trainable_modules) if state is not None and state.trainable_modules else None,

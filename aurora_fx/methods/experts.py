@@ -11,12 +11,13 @@ experts' under ``"<e>.<name>"``, the JSON state is a list per expert, ``units()`
 the AROMA controller, ``to_peft`` and the parameter freezing walk), ``delta_weight`` stacks the experts'
 updates. ``aurora_fx.expert_routing`` calls the three ways an experts forward computes:
 
-* ``expert_delta(e, x)``: one expert's tokens (the ``eager`` loop, ``F.linear(x, W[e])``);
-* ``rows_delta(x, ids)``: rows each with its own expert (``batched_mm``'s gathered weights);
-* ``grouped_delta(x, offs)``: rows sorted by expert with cumulative offsets (``grouped_mm``).
+* ``add_expert(out, e, x)``: one expert's tokens (the ``eager`` loop, ``F.linear(x, W[e])``);
+* ``add_rows(out, x, ids)``: rows each with its own expert (``batched_mm``'s gathered weights);
+* ``add_grouped(out, x, offs)``: rows sorted by expert with cumulative offsets (``grouped_mm``).
 
-``rows_delta`` and ``grouped_delta`` sort the rows by expert and run each expert's adapter on its slice
-(one host synchronisation for the counts, like transformers' own grouped fallback). Under ``torch.compile``
+Each adds into the base output in place (one expert's rows at a time, so the extra memory is one expert's
+``(n_e, d_out)``). ``add_rows`` and ``add_grouped`` run each expert's adapter on its rows (one host
+synchronisation for the counts, like transformers' own grouped fallback). Under ``torch.compile``
 and ``torch.export`` the counts are data-dependent, so there they run every expert's adapter on every
 row and keep each row's own (a static loop: E× the adapter work, no graph break; exact, the other
 experts' outputs are masked out).
@@ -126,48 +127,43 @@ class ExpertAdapters(AdapterBase):
         return out
 
     # -- the three ways an experts forward computes ---------------------------------------------
-    def expert_delta(self, expert: int | Tensor, x: Tensor) -> Tensor:
-        """Expert ``expert``'s ``Δ(x)`` for its tokens ``x`` (``(..., d_in)``)."""
-        return self.experts[int(expert)](x)
+    # Each adds into the base output in place: the base ops (linear, bmm, grouped mm) do not keep their
+    # output for backward, and no (S, d_out) delta for all rows at once is ever held.
+    def add_expert(self, out: Tensor, expert: int | Tensor, x: Tensor) -> Tensor:
+        """``out += Δ_e(x)`` for expert ``expert``'s tokens ``x`` (``(..., d_in)``); returns ``out``."""
+        return out.add_(self.experts[int(expert)](x))
 
-    def rows_delta(self, x: Tensor, ids: Tensor) -> Tensor:
-        """``Δ_{ids[i]}(x[i])`` for ``x`` ``(S, d_in)``, ``ids`` ``(S,)`` (ids outside ``[0, E)`` get 0)."""
+    def add_rows(self, out: Tensor, x: Tensor, ids: Tensor) -> Tensor:
+        """``out[i] += Δ_{ids[i]}(x[i])`` for ``x`` ``(S, d_in)``, ``ids`` ``(S,)`` (ids outside ``[0, E)``: none)."""
         if torch.compiler.is_compiling():
-            return self._masked_rows(x, ids)
+            return self._add_masked(out, x, ids)
         order = torch.argsort(ids, stable=True)
         counts = torch.bincount(ids.clamp(0, self.num_experts), minlength=self.num_experts + 1).tolist()
-        parts = self._per_expert(x[order], counts[:-1])
-        out = x.new_zeros(x.shape[0], self.out_features, dtype=parts.dtype) if counts[-1] else None
-        if out is None:
-            return parts.new_empty(parts.shape).index_copy(0, order, parts)
-        return out.index_copy(0, order[: parts.shape[0]], parts)
+        for e, rows in enumerate(order.split(counts)[: self.num_experts]):
+            if counts[e]:
+                out.index_add_(0, rows, self.experts[e](x[rows]).to(out.dtype))
+        return out
 
-    def grouped_delta(self, x: Tensor, offs: Tensor) -> Tensor:
-        """``Δ`` for ``x`` ``(S, d_in)`` sorted by expert, expert e's rows ending at ``offs[e]`` (cumulative)."""
+    def add_grouped(self, out: Tensor, x: Tensor, offs: Tensor) -> Tensor:
+        """``out += Δ`` for ``x`` ``(S, d_in)`` sorted by expert, expert e's rows ending at ``offs[e]`` (cumulative).
+
+        Rows past the last offset (expert-parallel sentinels) get no update.
+        """
         if torch.compiler.is_compiling():
             ids = torch.searchsorted(offs.to(torch.int64), torch.arange(x.shape[0], device=x.device), right=True)
-            return self._masked_rows(x, ids)
-        ends = offs.tolist()
-        counts = [end - start for start, end in zip([0, *ends[:-1]], ends, strict=True)]
-        parts = self._per_expert(x[: ends[-1]], counts)
-        rest = x.shape[0] - ends[-1]  # rows past the last offset (expert-parallel sentinels) get no update
-        return torch.cat([parts, parts.new_zeros(rest, self.out_features)]) if rest else parts
+            return self._add_masked(out, x, ids)
+        start = 0
+        for e, end in enumerate(offs.tolist()):
+            if end > start:
+                out[start:end] += self.experts[e](x[start:end]).to(out.dtype)
+            start = end
+        return out
 
-    def _per_expert(self, x: Tensor, counts: list[int]) -> Tensor:
-        """Each expert's adapter on its consecutive slice of ``x`` (``counts[e]`` rows), concatenated."""
-        chunks = x.split(counts)
-        parts = [self.experts[e](chunk) for e, chunk in enumerate(chunks) if counts[e]]
-        if not parts:
-            return x.new_zeros(0, self.out_features, dtype=next(self.experts[0].parameters()).dtype)
-        return torch.cat(parts) if len(parts) > 1 else parts[0]
-
-    def _masked_rows(self, x: Tensor, ids: Tensor) -> Tensor:
+    def _add_masked(self, out: Tensor, x: Tensor, ids: Tensor) -> Tensor:
         """Every expert's adapter on every row, each row keeping its own expert's (compile-friendly)."""
-        out = None
         for e, adapter in enumerate(self.experts):
-            delta = adapter(x)
             keep = (ids == e).unsqueeze(-1)
-            out = torch.where(keep, delta, 0.0) if out is None else out + torch.where(keep, delta, 0.0)
+            out = out + torch.where(keep, adapter(x), 0.0).to(out.dtype)
         return out
 
     def extra_repr(self) -> str:

@@ -221,3 +221,28 @@ def test_a_loaded_fit_folder_computes_the_least_squares_optimum(bias, tmp_path):
         expected = base(x) + (hx.double() @ delta.t() + c).float()
         loaded = _load_with_peft(base, tmp_path)(x)
     torch.testing.assert_close(loaded, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["lora", "aroma"])
+@pytest.mark.parametrize("name", ["qwen3_moe", "gpt_oss"])
+def test_expert_sites_export_as_peft_target_parameters_and_real_peft_gives_our_logits(name, method, tmp_path):
+    from tests.models import MOE_BUILDERS
+
+    torch.manual_seed(0)
+    base = MOE_BUILDERS[name]()
+    model = aurora_fx.apply(copy.deepcopy(base), "experts|q_proj", method=method, rank=2, dropout=0.0)
+    randomize_adapters(model, std=0.1)
+    if method == "aroma":  # experts of different ranks: expert 0 of each site merges its piece once
+        controller = aurora_fx.AromaController(model, torch.optim.SGD(aurora_fx.trainable_parameters(model), lr=0.0))
+        for track in controller.tracks:
+            if track.path.endswith(".0"):
+                controller._merge(track, torch.Generator().manual_seed(0))
+        randomize_adapters(model, std=0.1)
+    to_peft(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["target_parameters"] == sorted(a.path for a in aurora_fx.adapters(model) if a.kind == "expert")
+    assert all("q_proj" in m for m in config["target_modules"])
+    ids = torch.randint(3, 100, (2, 7))
+    with torch.no_grad():
+        expected = model.eval()(input_ids=ids).logits
+        assert_close(_load_with_peft(base, tmp_path)(input_ids=ids).logits, expected, atol=1e-5)

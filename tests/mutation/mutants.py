@@ -27,6 +27,7 @@ SECOND = ("tests/test_second_hour.py",)
 SEQ2SEQ = ("tests/export/test_seq2seq.py",)
 SYNC = ("tests/test_fsdp.py::test_aroma_decisions_stay_identical_when_only_the_controller_syncs",)
 MIXED = ("tests/test_activation_checkpointing.py",)
+EXPERTS = ("tests/test_experts.py",)
 
 MUTANTS: list[Mutant] = [
     # -- to_peft's fit (the serve-as-LoRA path)
@@ -191,4 +192,26 @@ MUTANTS: list[Mutant] = [
            "LoRA exported at twice its scale"),
     Mutant("fingerprint-off", "aurora_fx/checkpoint.py", "    if check_base:\n", "    if False:\n",
            ("tests/test_checkpoint.py", "tests/test_first_hour.py"), "adapters load onto another base without a word"),
+    # -- expert sites (issue 30)
+    Mutant("expert-linear-skipped", "aurora_fx/expert_routing.py",
+           "        return out + source.family.expert_delta(source.expert, x).to(out.dtype)\n\n    def _matmul",
+           "        return out\n\n    def _matmul", EXPERTS, "the eager loop's F.linear on W[e] gets no adapter"),
+    Mutant("expert-rows-misrouted", "aurora_fx/methods/experts.py",
+           "out.index_add_(0, rows, self.experts[e](x[rows])", "out.index_add_(0, rows, self.experts[e](x[rows.flip(0)])",
+           EXPERTS, "batched_mm rows get the deltas of other rows of the same expert"),
+    Mutant("expert-grouped-offsets", "aurora_fx/methods/experts.py",
+           "                out[start:end] += self.experts[e](x[start:end])",
+           "                out[start:end] += self.experts[0](x[start:end])", EXPERTS,
+           "grouped_mm slices all handed to expert 0"),
+    Mutant("expert-compiled-mask", "aurora_fx/methods/experts.py", "            keep = (ids == e).unsqueeze(-1)",
+           "            keep = (ids >= 0).unsqueeze(-1)", EXPERTS, "compiled rows keep every expert's delta"),
+    Mutant("expert-peft-interleave", "aurora_fx/export/peft_lora.py", "b.permute(1, 2, 0).reshape(b.shape[1], -1)",
+           "b.permute(1, 0, 2).reshape(b.shape[1], -1)", PEFT, "lora_B written expert-major, PEFT reads rank-major"),
+    Mutant("expert-peft-nesting", "aurora_fx/export/peft_lora.py",
+           '".base_layer" * (len(order) - 1 - order.index(b.param))', '".base_layer" * order.index(b.param)', PEFT,
+           "the ParamWrapper nesting reversed"),
+    Mutant("expert-aroma-one-track", "aurora_fx/owners.py",
+           "        for e, (suffix, adapter) in enumerate(gm.get_submodule(b.attr).units()):",
+           "        for e, (suffix, adapter) in enumerate(gm.get_submodule(b.attr).units()[:1]):", EXPERTS,
+           "only expert 0 of each site is walked (controller, exports)"),
 ]
