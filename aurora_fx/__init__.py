@@ -14,6 +14,7 @@ themselves, so the command line and ``--help`` start at once.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import Any
 
 __version__ = "0.1.0"
@@ -49,9 +50,15 @@ __all__ = [*_PUBLIC, "__version__"]
 
 
 def __getattr__(name: str) -> Any:
-    """The public names of ``__all__``, imported when first asked for (then cached as attributes)."""
+    """The public names of ``__all__``, imported when first asked for (then cached as attributes).
+
+    A submodule (``aurora_fx.checkpoint``, ``aurora_fx.distributed``) is imported on first access too, as
+    it would be after an eager ``import aurora_fx``.
+    """
     if name not in _PUBLIC:
-        raise AttributeError(f"module 'aurora_fx' has no attribute {name!r}")
+        if importlib.util.find_spec(f"aurora_fx.{name}") is None:
+            raise AttributeError(f"module 'aurora_fx' has no attribute {name!r}")
+        return importlib.import_module(f"aurora_fx.{name}")
     importlib.import_module("aurora_fx.methods")  # the built-in methods register themselves
     module_name, attr = _PUBLIC[name]
     module = importlib.import_module(module_name)

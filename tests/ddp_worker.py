@@ -49,6 +49,7 @@ def main() -> None:
     meta = {"ranks": json.dumps(controller.ranks() if controller else {}),
             "outer": str(controller.outer if controller else 0)}
     save_file(tensors, os.path.join(args.out, f"rank{rank}.safetensors"), metadata=meta)
+    dist.barrier()  # both ranks done with every collective before gloo tears down (an abort otherwise, rarely)
     dist.destroy_process_group()
 
 

@@ -83,6 +83,7 @@ def main() -> None:
     if rank == 0:
         (Path(args.out) / "result.json").write_text(json.dumps(result))
     assert path.is_file()
+    dist.barrier()  # both ranks done with every collective before gloo tears down (an abort otherwise, rarely)
     dist.destroy_process_group()
 
 
