@@ -112,6 +112,18 @@ def anl(z: Tensor, H: Tensor, Ws: Tensor, knots: Tensor, order: int = 3) -> Tens
     return fixed + learnable.to(z.dtype)
 
 
+def anl_rows(z: Tensor, H: Tensor, Ws: Tensor, knots: Tensor, order: int = 3) -> Tensor:
+    """``anl`` with each row's own ``H`` and ``Ws``: ``z`` ``(S, r)``, ``H`` ``(S, r, r)``, ``Ws`` ``(S, r, G+K)``.
+
+    Row i is ``anl(z[i], H[i], Ws[i])`` (the expert adapters' grouped path: row i's expert's σ).
+    """
+    fixed = torch.tanh(torch.bmm(H, torch.tanh(z).unsqueeze(-1)).squeeze(-1))  # (S, r)
+    sd = spline_dtype(z.dtype)
+    summed = bspline_basis(z.to(sd), knots, order).sum(-2)  # (S, G+K)
+    learnable = torch.bmm(Ws.to(sd), summed.unsqueeze(-1)).squeeze(-1)  # (S, r)
+    return fixed + learnable.to(z.dtype)
+
+
 def aurora_delta(
     x: Tensor,
     A: Tensor,

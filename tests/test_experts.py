@@ -107,16 +107,28 @@ def test_the_adapted_experts_equal_the_oracle_loop_under_every_implementation(na
     assert (plain - logits["eager"]).abs().max().item() > 1e-3  # the adapters do change the model
 
 
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("name", list(MOE_BUILDERS))
-def test_grouped_mm_with_the_torch_kernel_in_float32(name):
-    model = _adapted(name, "aurora", dtype=torch.float32)
+def test_grouped_mm_with_the_torch_kernel_in_float32(name, method):
+    """The grouped fast path (LoRA, AuroRA: ``grouped_delta``) and AROMA's loop: outputs and gradients equal the
+    per-expert loop behind transformers' fallback op."""
+    model = _adapted(name, method, dtype=torch.float32)
     experts = _experts(model)
     hidden, index, weights = _routing(12, torch.float32)
     model.set_experts_implementation("grouped_mm")
+    results = []
+    for fallback in (False, True):
+        with grouped_fallback(fallback):
+            out = experts(hidden, index, weights)
+            grads = torch.autograd.grad(out.square().sum(), [p for p in experts.parameters() if p.requires_grad])
+        results.append((out.detach(), grads))
     with torch.no_grad():
-        got = experts(hidden, index, weights)
         reference = experts_reference(experts, hidden, index, weights)
-    assert (got - reference).abs().max().item() <= 1e-5
+    def close(a, b):  # float32: relative to the largest value
+        return (a - b).abs().max().item() <= 1e-5 * max(1.0, b.abs().max().item())
+
+    assert close(results[0][0], reference) and close(results[0][0], results[1][0])
+    assert all(close(fast, loop) for fast, loop in zip(results[0][1], results[1][1], strict=True))
 
 
 @pytest.mark.parametrize("method", METHODS)

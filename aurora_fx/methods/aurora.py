@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from aurora_fx import functional as AF
 from aurora_fx.config import AuroraConfig
 from aurora_fx.methods.base import AdapterBase, Fusion, LoraFactors, kaiming_uniform_
+from aurora_fx.ops import grouped
 from aurora_fx.ops.aurora_delta import ORDER
 from aurora_fx.ops.fused import aurora_delta, aurora_linear
 from aurora_fx.registry import register_adapter
@@ -70,6 +71,25 @@ class AuroraAdapter(AdapterBase):
         lo, _ = self.config.grid_range
         return Fusion(aurora_delta, ("A", "B", "H", "Ws"), (self.scale, lo, self.config.grid_step),
                       linear_op=aurora_linear)
+
+    @classmethod
+    def grouped_delta(cls, adapters: list[AuroraAdapter], x: Tensor, offs: Tensor) -> Tensor | None:
+        """``s·B_e·σ_e(A_e·drop(x))`` for every expert's rows in one go.
+
+        Grouped matmuls for A and B; σ with each row's own H and Ws gathered (``functional.anl_rows``: r̃×r̃ and
+        r̃×(G+K) numbers per row).
+        """
+        first = adapters[0]
+        if not grouped.available(first.A):
+            return None
+        x = first._input(x, first.A)
+        z = grouped.grouped_mm(x, torch.stack([a.A for a in adapters]).transpose(1, 2), offs)  # (S, r)
+        ids = torch.searchsorted(offs.to(torch.int64), torch.arange(x.shape[0], device=x.device), right=True)
+        ids = ids.clamp(max=len(adapters) - 1)
+        h, ws = torch.stack([a.H for a in adapters])[ids], torch.stack([a.Ws for a in adapters])[ids]
+        sigma = AF.anl_rows(z, h, ws, first.knots, first.order)
+        b = (torch.stack([a.B for a in adapters]) * first.scale).transpose(1, 2)  # (E, r, d_out)
+        return grouped.grouped_mm(sigma, b, offs)
 
     def oracle_delta(self, x: Tensor) -> Tensor:
         """``s·B·σ(A·x)`` from the oracle, with knots rebuilt from the config."""

@@ -13,6 +13,7 @@ other module tests for a concrete adapter class:
   ``reads_base_weight`` (then ``forward(x, weight)`` gets the base weight, ``(d_out, d_in)``),
   ``fusion()`` (the fused op that replaces the inlined subgraph, or why there is none);
 * **math**: ``oracle_delta(x)`` (the functional oracle, what every fast path is tested against),
+  ``grouped_delta(adapters, x, offs)`` (optional: many experts' adapters in grouped matmuls),
   ``delta_weight(lossy)`` (the merge) and ``lora_factors(lossy)`` / ``lora_exact`` (the update as
   LoRA factors, for ``export.to_peft``);
 * **sites**: ``check_site(site, config)`` (a method's own refusal, called by ``passes.check``);
@@ -157,6 +158,14 @@ class AdapterBase(nn.Module):
     def oracle_delta(self, x: Tensor) -> Tensor:
         """``Δ(x)`` from ``aurora_fx.functional`` only, without dropout (the test reference)."""
         raise NotImplementedError(f"{type(self).__name__} must implement oracle_delta")
+
+    @classmethod
+    def grouped_delta(cls, adapters: list[AdapterBase], x: Tensor, offs: Tensor) -> Tensor | None:
+        """``Δ_e`` of each expert's adapter on its rows of ``x`` (sorted by expert, ``offs`` cumulative), in one go.
+
+        The experts' fast path (``methods/experts.py``); None (the default) makes the caller loop over experts.
+        """
+        return None
 
     def delta_weight(self, lossy: bool = False) -> Tensor:
         """The ``(d_out, d_in)`` update a merge adds to the base weight."""

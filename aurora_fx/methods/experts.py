@@ -16,8 +16,10 @@ updates. ``aurora_fx.expert_routing`` calls the three ways an experts forward co
 * ``add_grouped(out, x, offs)``: rows sorted by expert with cumulative offsets (``grouped_mm``).
 
 Each adds into the base output in place (one expert's rows at a time, so the extra memory is one expert's
-``(n_e, d_out)``). ``add_rows`` and ``add_grouped`` run each expert's adapter on its rows (one host
-synchronisation for the counts, like transformers' own grouped fallback). Under ``torch.compile``
+``(n_e, d_out)``). ``add_rows`` runs each expert's adapter on its rows (one host synchronisation for the
+counts, like transformers' own grouped fallback); ``add_grouped`` uses the method's ``grouped_delta`` (LoRA and
+AuroRA: grouped matmuls over all experts at once, one ``(S, d_out)`` delta) and loops like ``add_rows``
+otherwise (AROMA, whose experts differ in rank; float64). Under ``torch.compile``
 and ``torch.export`` the counts are data-dependent, so there they run every expert's adapter on every
 row and keep each row's own (a static loop: E× the adapter work, no graph break; exact, the other
 experts' outputs are masked out).
@@ -152,6 +154,10 @@ class ExpertAdapters(AdapterBase):
         if torch.compiler.is_compiling():
             ids = torch.searchsorted(offs.to(torch.int64), torch.arange(x.shape[0], device=x.device), right=True)
             return self._add_masked(out, x, ids)
+        if int(offs[-1]) == x.shape[0]:  # (no sentinel rows: the grouped kernel leaves rows past offs[-1] unset)
+            delta = type(self.experts[0]).grouped_delta(list(self.experts), x, offs)
+            if delta is not None:
+                return out.add_(delta)
         start = 0
         for e, end in enumerate(offs.tolist()):
             if end > start:

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from aurora_fx import functional as AF
 from aurora_fx.config import LoraConfig
 from aurora_fx.methods.base import AdapterBase, Fusion, LoraFactors, kaiming_uniform_
+from aurora_fx.ops import grouped
 from aurora_fx.ops.fused import lora_delta, lora_linear
 from aurora_fx.registry import register_adapter
 
@@ -44,6 +45,17 @@ class LoraAdapter(AdapterBase):
     def oracle_delta(self, x: Tensor) -> Tensor:
         """``s·B·A·x`` from the oracle."""
         return AF.lora_delta(x, self.A, self.B, self.scale)
+
+    @classmethod
+    def grouped_delta(cls, adapters: list[LoraAdapter], x: Tensor, offs: Tensor) -> Tensor | None:
+        """``s·B_e·A_e·drop(x)`` for every expert's rows: two grouped matmuls (``ops/grouped.py``)."""
+        first = adapters[0]
+        if not grouped.available(first.A):
+            return None
+        x = first._input(x, first.A)
+        a = torch.stack([ad.A for ad in adapters]).transpose(1, 2)  # (E, d_in, r)
+        b = (torch.stack([ad.B for ad in adapters]) * first.scale).transpose(1, 2)  # (E, r, d_out)
+        return grouped.grouped_mm(grouped.grouped_mm(x, a, offs), b, offs)
 
     def delta_weight(self, lossy: bool = False) -> Tensor:
         """Exact ``ΔW = s·B·A`` in float32 or wider."""

@@ -214,4 +214,10 @@ MUTANTS: list[Mutant] = [
            "        for e, (suffix, adapter) in enumerate(gm.get_submodule(b.attr).units()):",
            "        for e, (suffix, adapter) in enumerate(gm.get_submodule(b.attr).units()[:1]):", EXPERTS,
            "only expert 0 of each site is walked (controller, exports)"),
+    Mutant("expert-grouped-lora-scale", "aurora_fx/methods/lora.py",
+           "(torch.stack([ad.B for ad in adapters]) * first.scale)", "(torch.stack([ad.B for ad in adapters]) * 2.0)",
+           EXPERTS, "the grouped LoRA fast path at another scale"),
+    Mutant("expert-anl-rows-H", "aurora_fx/functional.py",
+           "torch.bmm(H, torch.tanh(z).unsqueeze(-1))", "torch.bmm(H.transpose(1, 2), torch.tanh(z).unsqueeze(-1))",
+           EXPERTS, "the grouped AuroRA path applies Hᵀ"),
 ]
