@@ -274,3 +274,19 @@ def test_aroma_controller_tracks_every_expert_on_its_own():
     sites = [t.path for t in controller.tracks]
     assert len(sites) == 2 * 2 * MOE_EXPERTS
     assert sites[:2] == ["model.layers.0.mlp.experts.gate_up_proj.0", "model.layers.0.mlp.experts.gate_up_proj.1"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ("lora", "aurora"))
+def test_an_expert_adapted_decoder_exports_to_onnx_with_the_adapters_inside(method, tmp_path):
+    from tests.conftest import ORT_ATOL
+
+    model = _adapted("qwen3_moe", method, dtype=torch.float32)
+    ids = torch.randint(3, 100, (1, 6))
+    with torch.no_grad(), aurora_fx.disable_adapters(model):
+        base = model(input_ids=ids).logits
+    with torch.no_grad():
+        assert (model(input_ids=ids).logits - base).abs().max().item() > 1e-2  # the experts' adapters matter
+    result = aurora_fx.export.to_onnx_decoder(model, tmp_path)
+    assert max(result.max_abs_diff.values()) <= ORT_ATOL  # ORT against the adapted model, KV cache steps included
+    assert any("'batched_mm'" in n for n in result.notes)
