@@ -17,11 +17,12 @@ from torch import nn
 
 from aurora_fx.distributed import model_class
 from aurora_fx.fingerprint import fingerprint
-from aurora_fx.model_state import model_state
+from aurora_fx.model_state import model_state, update_model_state
 from aurora_fx.owners import iter_bindings
 from aurora_fx.records import weight_out_in
 
-__all__ = ["adapter_metadata", "install_record_hooks", "RECORD_KEY", "FORMAT", "FORMAT_VERSION"]
+__all__ = ["adapter_metadata", "install_record_hooks", "RECORD_KEY", "FORMAT", "FORMAT_VERSION", "controller_json",
+           "controller_from_json"]
 
 FORMAT = "aurora_fx.adapters"
 FORMAT_VERSION = 1
@@ -31,13 +32,72 @@ _HOOKED = "_aurora_fx_record_hooks"
 
 def _add_record(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
     meta = adapter_metadata(module)
+    controller = _live_controller(module)
+    if controller is not None:
+        meta["controller_state"] = controller_json(controller.state_dict())
     if meta["sites"]:
         data = bytearray(json.dumps(meta).encode())
         state_dict[prefix + RECORD_KEY] = torch.frombuffer(data, dtype=torch.uint8).clone()
 
 
 def _drop_record(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
-    state_dict.pop(prefix + RECORD_KEY, None)
+    """Take the record out of an incoming state dict, and shape the adapters like the one it describes.
+
+    A grown AROMA adapter's stored factors (U, V) change width during training; ``load_state`` gives each
+    adapter the saved width, frozen flag and piece count, so ``model.load_state_dict`` of a saved state (a
+    Trainer checkpoint being resumed) finds tensors of the shapes it holds.
+    """
+    record = state_dict.pop(prefix + RECORD_KEY, None)
+    if record is not None:
+        meta = json.loads(bytes(record.tolist()).decode())
+        _prepare_adapters(module, meta, state_dict, prefix)
+        if meta.get("controller_state") is not None:
+            update_model_state(module, resumed_controller=meta["controller_state"])
+
+
+def _live_controller(model: nn.Module) -> Any:
+    state = model_state(model)
+    ref = state.controller if state is not None else None
+    return ref() if ref is not None else None
+
+
+def controller_json(state: dict[str, Any]) -> dict[str, Any]:
+    """An ``AromaController.state_dict()`` as pure JSON (the snapshot tensors as nested lists)."""
+    snaps = {site: None if pair is None else [t.detach().cpu().double().tolist() for t in pair]
+             for site, pair in state["snaps"].items()}
+    return {**state, "snaps": snaps}
+
+
+def controller_from_json(state: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of ``controller_json`` (snapshots back as float32 tensors)."""
+    snaps = {site: None if pair is None else tuple(torch.tensor(t, dtype=torch.float32) for t in pair)
+             for site, pair in state["snaps"].items()}
+    return {**state, "snaps": snaps}
+
+
+def _prepare_adapters(model: nn.Module, record: dict[str, Any], state_dict: dict, prefix: str) -> None:
+    saved = {site["path"]: site for site in record.get("sites", ())}
+    for owner, gm, b in iter_bindings(model):
+        entry = saved.get(b.site)
+        if entry is None or entry.get("config", {}).get("method") != gm.get_submodule(b.attr).method:
+            continue
+        adapter = gm.get_submodule(b.attr)
+        base = f"{prefix}{owner}.{b.attr}." if owner else f"{prefix}{b.attr}."
+        names = adapter.stored_tensors()
+        keys = {n: _state_key(adapter, n) for n in names}
+        tensors = {n: state_dict[base + k] for n, k in keys.items() if base + k in state_dict}
+        adapter.load_state(entry.get("state", {}), tensors)
+
+
+def _state_key(adapter: nn.Module, stored_name: str) -> str:
+    """The module state-dict key of a stored tensor name (an expert family stores ``e.U`` as ``experts.e.U``)."""
+    units = dict(adapter.units())
+    head, _, rest = stored_name.partition(".")
+    if rest and f".{head}" in units:
+        unit = units[f".{head}"]
+        path = next(n for n, m in adapter.named_modules() if m is unit)
+        return f"{path}.{rest}"
+    return stored_name
 
 
 def install_record_hooks(model: nn.Module) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +36,7 @@ from aurora_fx import functional as AF
 from aurora_fx.attach import rebuild_owner
 from aurora_fx.config import AromaConfig
 from aurora_fx.distributed import agree, assign, full
+from aurora_fx.model_state import update_model_state
 from aurora_fx.owners import iter_units
 
 if TYPE_CHECKING:
@@ -217,6 +219,7 @@ class AromaController:
         self.since = self.outer = self.all_converged = self.steps = self.skipped_steps = self._idle = 0
         self._last_opt_step: float | None = None
         self.history: list[OuterStep] = []
+        update_model_state(model, controller=weakref.ref(self))  # model.state_dict() carries its state from now on
 
     @staticmethod
     def _check_args(check_every, max_inner, window, patience, prune_ratio) -> None:

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from transformers import TrainerCallback
 
+from aurora_fx.adapter_record import controller_from_json
 from aurora_fx.aroma import AromaController
+from aurora_fx.model_state import model_state, update_model_state
 
 __all__ = ["AromaCallback"]
 
@@ -19,6 +21,12 @@ class AromaCallback(TrainerCallback):
     ``AromaController``. The Trainer's own (closed-form) LR schedule is re-warmed after merges by
     the controller. ``converged_early`` tells whether AROMA stopped training by itself.
     At the end of training, ``finalize()`` keeps the active pieces of unconverged sites.
+
+    Checkpoints: while a controller drives the model, ``model.state_dict()``'s adapter record carries the
+    controller's state, so every Trainer checkpoint holds it beside the grown AROMA factors.
+    ``trainer.train(resume_from_checkpoint=...)`` loads the model (the record reshapes the factors) and this
+    callback resumes the controller from the loaded record, so a resumed run makes the decisions an uninterrupted
+    one makes.
     """
 
     def __init__(self, **controller_kwargs) -> None:
@@ -27,8 +35,12 @@ class AromaCallback(TrainerCallback):
         self.converged_early = False
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        """Build the controller around the Trainer's model and optimizer."""
+        """Build the controller around the Trainer's model and optimizer (resumed from a checkpoint's state)."""
+        resumed = getattr(model_state(model), "resumed_controller", None)
         self.controller = AromaController(model, optimizer, None, **self.controller_kwargs)
+        if resumed is not None and state.global_step > 0:  # a Trainer resuming from a checkpoint
+            self.controller.load_state_dict(controller_from_json(resumed))
+            update_model_state(model, resumed_controller=None)
 
     def on_step_end(self, args, state, control, **kwargs):
         """Advance the controller; stop training once every site has converged."""

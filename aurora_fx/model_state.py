@@ -9,6 +9,7 @@ copied along by ``copy.deepcopy``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from torch import nn
 
@@ -24,10 +25,15 @@ class ModelState:
     Attributes:
         requires_grad: Parameter name → ``requires_grad`` before the first ``apply``.
         trainable_modules: Module paths whose parameters train besides the adapters.
+        controller: A weak reference to the ``AromaController`` driving the model, or None: its state goes into
+            ``model.state_dict()``'s adapter record (so a Trainer checkpoint holds it).
+        resumed_controller: Controller state found in a loaded state dict's record (``AromaCallback`` resumes it).
     """
 
     requires_grad: dict[str, bool] = field(default_factory=dict)
     trainable_modules: tuple[str, ...] = ()
+    controller: Any = None
+    resumed_controller: dict[str, Any] | None = None
 
 
 def model_state(model: nn.Module) -> ModelState | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -62,3 +64,38 @@ def test_trainer_with_the_aroma_callback_runs_to_convergence(tmp_path):
     with torch.no_grad():
         end = nn.functional.mse_loss(model.proj(data.x), data.y).item()
     assert end < 0.05 * start
+
+
+def _trainer_run(tmp_path, max_steps: int, resume: str | None = None):
+    from transformers import Trainer, TrainingArguments
+
+    torch.manual_seed(0)
+    model = Regressor()
+    data = _Teacher(model)
+    aurora_fx.apply(model, "proj", method="aroma", rank=1, alpha=1.0, dropout=0.0)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=128,
+                             learning_rate=3e-2, report_to=[], save_strategy="steps", save_steps=40,
+                             logging_strategy="no", use_cpu=True, disable_tqdm=True, lr_scheduler_type="constant",
+                             max_grad_norm=0.0, seed=0, data_seed=0)
+    callback = AromaCallback(inner_check_every=5, inner_threshold=0.02, max_inner_steps=15, outer_threshold=0.0)
+    trainer = Trainer(model=model, args=args, train_dataset=data)
+    trainer.add_callback(callback)
+    trainer.train(resume_from_checkpoint=resume)
+    return model, callback.controller
+
+
+def test_a_trainer_run_resumed_from_a_checkpoint_ends_like_an_uninterrupted_one(tmp_path):
+    """The checkpoint holds the grown AROMA factors and the controller; resuming reproduces the run."""
+    from safetensors import safe_open
+
+    whole, whole_ctl = _trainer_run(tmp_path / "whole", 100)
+    checkpoint = tmp_path / "whole" / "checkpoint-40"
+    with safe_open(str(checkpoint / "model.safetensors"), framework="pt") as fh:
+        record = json.loads(bytes(fh.get_tensor("aurora_fx.adapters").tolist()).decode())
+    assert 0 < record["controller_state"]["counters"]["outer"] < whole_ctl.outer  # merges before and after step 40
+    assert record["sites"][0]["state"]["merged_rank"] >= 1  # the factors had grown when it was saved
+    resumed, resumed_ctl = _trainer_run(tmp_path / "resumed", 100, resume=str(checkpoint))
+    assert resumed_ctl.ranks() == whole_ctl.ranks() and resumed_ctl.history == whole_ctl.history
+    for (name, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items(), strict=True):
+        if "adapter" in name:
+            assert torch.allclose(a, b, atol=1e-6), name

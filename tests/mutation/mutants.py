@@ -194,8 +194,8 @@ MUTANTS: list[Mutant] = [
            ("tests/test_checkpoint.py", "tests/test_first_hour.py"), "adapters load onto another base without a word"),
     # -- expert sites (issue 30)
     Mutant("expert-linear-skipped", "aurora_fx/expert_routing.py",
-           "        return out + source.family.expert_delta(source.expert, x).to(out.dtype)\n\n    def _matmul",
-           "        return out\n\n    def _matmul", EXPERTS, "the eager loop's F.linear on W[e] gets no adapter"),
+           "        return source.family.add_expert(func(*args, **kwargs), source.expert, x)\n\n    def _matmul",
+           "        return func(*args, **kwargs)\n\n    def _matmul", EXPERTS, "the eager loop's F.linear on W[e] gets no adapter"),
     Mutant("expert-rows-misrouted", "aurora_fx/methods/experts.py",
            "out.index_add_(0, rows, self.experts[e](x[rows])", "out.index_add_(0, rows, self.experts[e](x[rows.flip(0)])",
            EXPERTS, "batched_mm rows get the deltas of other rows of the same expert"),
@@ -220,4 +220,11 @@ MUTANTS: list[Mutant] = [
     Mutant("expert-anl-rows-H", "aurora_fx/functional.py",
            "torch.bmm(H, torch.tanh(z).unsqueeze(-1))", "torch.bmm(H.transpose(1, 2), torch.tanh(z).unsqueeze(-1))",
            EXPERTS, "the grouped AuroRA path applies Hᵀ"),
+    # -- AROMA in Trainer checkpoints (issue 35)
+    Mutant("trainer-resume-ignored", "aurora_fx/aroma_callback.py",
+           "            self.controller.load_state_dict(controller_from_json(resumed))", "            pass",
+           ("tests/test_aroma_trainer.py",), "a resumed Trainer run restarts the controller from scratch"),
+    Mutant("record-no-resize", "aurora_fx/adapter_record.py",
+           "        _prepare_adapters(module, meta, state_dict, prefix)", "        pass",
+           ("tests/test_aroma_trainer.py",), "grown AROMA factors not reshaped before a state dict loads"),
 ]
