@@ -26,6 +26,7 @@ import dataclasses
 import logging
 import math
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -125,7 +126,7 @@ class _Track:
     path: str
     owner: str  # module path of the owner (rebuilt when the site freezes)
     adapter: AromaAdapter
-    weight: torch.Tensor  # the base weight as (d_out, d_in), a view
+    weight: Callable[[], torch.Tensor]  # the base weight as (d_out, d_in): a view, or dequantized on demand
     wnorm2: float
     snap: tuple[torch.Tensor, torch.Tensor] | None = None
     stabilized: bool = False
@@ -236,8 +237,9 @@ class AromaController:
         for unit in iter_units(model):  # an expert site's experts one by one: each grows on its own
             adapter = unit.adapter
             if isinstance(adapter.config, AromaConfig):
-                tracks.append(_Track(unit.site, unit.owner, adapter, unit.weight, _weff_norm2(adapter, unit.weight),
-                                     converged=adapter.frozen, merges=adapter.pieces))
+                tracks.append(_Track(unit.site, unit.owner, adapter, unit.base_weight,
+                                     _weff_norm2(adapter, unit.base_weight()), converged=adapter.frozen,
+                                     merges=adapter.pieces))
         if not tracks:
             raise ValueError("AromaController needs AROMA adapters, and this model has none; call "
                              "aurora_fx.apply(model, pattern, method='aroma') first")
@@ -345,7 +347,7 @@ class AromaController:
         """
         a = t.adapter
         merge = a.merge_active(gen)
-        t.wnorm2 = _weff_norm2(a, t.weight)  # exact after the compaction (k matrix-vector products)
+        t.wnorm2 = _weff_norm2(a, t.weight())  # exact after the compaction (k matrix-vector products)
         t.merges += 1
         t.snap, t.stabilized = None, False
         return merge.new_direction and a.merged_rank < a.full_rank

@@ -27,10 +27,10 @@ from aurora_fx.methods.experts import ExpertAdapters
 from aurora_fx.model_state import model_state, update_model_state
 from aurora_fx.owners import (
     Binding,
-    ExpertOwner,
+    WrappedOwner,
     adapter_attr,
-    build_expert_owner,
     build_owner,
+    build_wrapped_owner,
     iter_bindings,
     owner_graph,
     owner_state,
@@ -55,7 +55,7 @@ class OwnerPlan:
     """A rewritten owner, built but not yet in the model."""
 
     path: str
-    module: nn.Module  # a GraphModule, or an ExpertOwner for expert sites
+    module: nn.Module  # a GraphModule, or a WrappedOwner (expert sites, quantized linears)
     new_bindings: tuple[Binding, ...]
 
 
@@ -114,8 +114,8 @@ def _plan_owner(model: nn.Module, path: str, requests: list[SiteRequest], fuse: 
     adapters, bindings = _new_adapters(current, requests, dtype)
     state = owner_state(current)
     old = state.bindings if state is not None else ()
-    if requests[0].site.kind == "expert":
-        return OwnerPlan(path, build_expert_owner(current, adapters, old + bindings), bindings)
+    if requests[0].site.kind == "expert" or requests[0].site.quantization is not None:
+        return OwnerPlan(path, build_wrapped_owner(current, adapters, old + bindings), bindings)
     graph = copy_graph(current.graph) if state is not None else owner_graph(current)
     gm = build_owner(current, graph, adapters, old + bindings)
     gm = insert_adapters(gm, bindings).graph_module
@@ -140,8 +140,9 @@ def _new_adapters(current: nn.Module, requests: list[SiteRequest], dtype: torch.
         site = request.site
         weight = current._parameters[site.param]
         attr = adapter_attr(current, site.param)
-        adapters[attr] = _build(request, weight, adapter_dtype(weight.dtype, dtype))
-        bindings.append(Binding(site.path, site.param, attr, site.kind, site.layout))
+        stored = torch.float32 if site.quantization is not None else weight.dtype  # (a quantized base: float32)
+        adapters[attr] = _build(request, weight, adapter_dtype(stored, dtype))
+        bindings.append(Binding(site.path, site.param, attr, site.kind, site.layout, site.quantization))
     return adapters, tuple(bindings)
 
 
@@ -162,7 +163,7 @@ def rebuild_owner(model: nn.Module, path: str) -> nn.Module:
     buffers, adapters and hooks (wrappers such as FSDP2 hold on to it); only its code changes.
     """
     current = get_submodule(model, path)
-    if isinstance(current, ExpertOwner):  # no graph: the routing calls the adapters as they are now
+    if isinstance(current, WrappedOwner):  # no graph: the routing calls the adapters as they are now
         return current
     state = owner_state(current)
     fused = [b.attr for b in state.bindings if is_fused(current, b.attr)]

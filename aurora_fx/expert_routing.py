@@ -1,6 +1,6 @@
 """Expert routing: add each expert's adapter output where an experts forward really computes.
 
-An adapted experts module (``owners.build_expert_owner``) runs its own forward, unchanged, inside an
+An adapted experts module (``owners.build_wrapped_owner``) runs its own forward, unchanged, inside an
 ``ExpertRouting`` torch-function mode. The mode follows the adapted 3-D parameters through the few
 operations an experts forward applies to them and, where a linear map on expert weights happens, adds
 the adapter family's output (``methods/experts.py``) to the result:

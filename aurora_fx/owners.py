@@ -32,8 +32,8 @@ __all__ = [
     "iter_owners",
     "iter_bindings",
     "adapter_attr",
-    "ExpertOwner",
-    "build_expert_owner",
+    "WrappedOwner",
+    "build_wrapped_owner",
     "AdapterUnit",
     "iter_units",
 ]
@@ -59,6 +59,7 @@ class Binding:
         attr: Attribute name of the adapter module inside the owner GraphModule.
         kind: Site kind.
         layout: Weight storage (see ``Site.layout``).
+        quantization: The base weight's quantization (``Site.quantization``), or None.
     """
 
     site: str
@@ -66,6 +67,7 @@ class Binding:
     attr: str
     kind: SiteKind
     layout: Layout
+    quantization: str | None = None
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,7 @@ class OwnerState:
 
 def owner_state(module: nn.Module) -> OwnerState | None:
     """The ``OwnerState`` of a rewritten owner, or None for any other module."""
-    if isinstance(module, (fx.GraphModule, ExpertOwner)):
+    if isinstance(module, (fx.GraphModule, WrappedOwner)):
         state = module.meta.get(_STATE_KEY)
         if isinstance(state, OwnerState):
             return state
@@ -100,7 +102,7 @@ def owner_graph(module: nn.Module) -> fx.Graph:
     Raises:
         TraceError: fx cannot trace it alone (see ``tracing.trace_own_forward``).
     """
-    if isinstance(module, ExpertOwner):
+    if isinstance(module, WrappedOwner):
         raise TypeError("an experts owner has no fx graph (its forward runs under aurora_fx.expert_routing)")
     return module.graph if owner_state(module) is not None else trace_own_forward(module)
 
@@ -197,44 +199,53 @@ def swap_module(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(get_submodule(model, parent_path), name, new)
 
 
-class ExpertOwner:
-    """Base of rewritten experts owners: the original experts class's forward under ``ExpertRouting``.
+class WrappedOwner:
+    """Base of owners rewritten without a graph: the original class's own forward, with the adapters added.
 
-    An experts module (``aurora_fx.expert_sites``) has a data-dependent forward that torch.fx cannot
-    trace, so it is not rewritten into a graph: ``build_expert_owner`` makes an instance of a subclass of
-    its own class (``AdaptedQwen3MoeExperts``) holding the same members plus the adapter families, whose
-    forward runs the original one inside the routing mode (``aurora_fx.expert_routing``).
+    Two kinds of owner keep their forward because torch.fx cannot (or should not) trace it:
+
+    * an experts module (``aurora_fx.expert_sites``, a data-dependent forward): it runs inside the routing mode
+      (``aurora_fx.expert_routing``), which adds each expert's adapter where the expert weights compute;
+    * a quantized ``nn.Linear`` (``aurora_fx.quantized``): the quantizer's forward is the base, and the adapter's
+      output on the same input is added to it (``AdapterBase.add_to``).
+
+    ``build_wrapped_owner`` makes an instance of a subclass of the module's own class (``AdaptedQwen3MoeExperts``,
+    ``AdaptedLinear4bit``) holding the same members plus the adapters, so ``isinstance``, the class's methods and
+    its state-dict hooks (bitsandbytes' quantization state) all still work.
     """
 
     meta: dict
 
     def forward(self, *args, **kwargs):
-        """The original experts forward, with each adapted expert weight's adapters added where it computes."""
-        state = self.meta[_STATE_KEY]
-        weights = [(self._parameters[b.param], self._modules[b.attr], b.site, b.layout == "in_out")
-                   for b in state.bindings]
-        with ExpertRouting(weights):
-            return super().forward(*args, **kwargs)
+        """The original forward, with the adapters' outputs added (see the class docstring)."""
+        bindings = self.meta[_STATE_KEY].bindings
+        if bindings[0].kind == "expert":
+            weights = [(self._parameters[b.param], self._modules[b.attr], b.site, b.layout == "in_out")
+                       for b in bindings]
+            with ExpertRouting(weights):
+                return super().forward(*args, **kwargs)
+        x = args[0] if args else kwargs["input"]
+        return self._modules[bindings[0].attr].add_to(super().forward(*args, **kwargs), x)
 
 
-_EXPERT_CLASSES: dict[type, type] = {}
+_WRAPPED_CLASSES: dict[type, type] = {}
 
 
-def _expert_owner_class(cls: type) -> type:
-    if cls not in _EXPERT_CLASSES:
-        _EXPERT_CLASSES[cls] = type(f"Adapted{cls.__name__}", (ExpertOwner, cls), {"__module__": __name__})
-    return _EXPERT_CLASSES[cls]
+def _wrapped_owner_class(cls: type) -> type:
+    if cls not in _WRAPPED_CLASSES:
+        _WRAPPED_CLASSES[cls] = type(f"Adapted{cls.__name__}", (WrappedOwner, cls), {"__module__": __name__})
+    return _WRAPPED_CLASSES[cls]
 
 
-def build_expert_owner(current: nn.Module, adapters: dict[str, nn.Module], bindings: tuple[Binding, ...]) -> nn.Module:
-    """The rewritten experts owner for ``current`` (an experts module, or an earlier rewritten one).
+def build_wrapped_owner(current: nn.Module, adapters: dict[str, nn.Module], bindings: tuple[Binding, ...]) -> nn.Module:
+    """The ``WrappedOwner`` for ``current`` (an experts module or a quantized linear, or an earlier rewritten one).
 
     Same members under the same names (so ``state_dict`` keys stay the original's), plus ``adapters``;
     the original class's attributes and methods (``num_experts``, ``_apply_gate``, ...) all still work.
     """
     state = owner_state(current)
     original = state.original if state is not None else current
-    cls = _expert_owner_class(type(original))
+    cls = _wrapped_owner_class(type(original))
     owner = cls.__new__(cls)
     owner.__dict__.update(current.__dict__)
     owner._parameters = dict(current._parameters)
@@ -264,13 +275,23 @@ class AdapterUnit:
         site: The site path, plus ``.<e>`` for expert e of an expert site.
         owner: Module path of the owner.
         adapter: The adapter module (never an expert family: its experts one by one).
-        weight: The base weight as ``(d_out, d_in)`` (a view of the owner's parameter).
+        weight: The base weight as ``(d_out, d_in)`` (a view of the owner's parameter; packed for a quantized one).
+        quantized: The quantized linear owning the weight, or None (``base_weight()`` dequantizes it then).
     """
 
     site: str
     owner: str
     adapter: nn.Module
     weight: Tensor
+    quantized: nn.Module | None = None
+
+    def base_weight(self) -> Tensor:
+        """The base weight as a float ``(d_out, d_in)``: the view itself, or a transient dequantized copy."""
+        if self.quantized is None:
+            return self.weight
+        from aurora_fx.quantized import dequantized_weight
+
+        return dequantized_weight(self.quantized)
 
 
 def iter_units(model: nn.Module) -> list[AdapterUnit]:
@@ -278,6 +299,7 @@ def iter_units(model: nn.Module) -> list[AdapterUnit]:
     units = []
     for path, gm, b in iter_bindings(model):
         weight = weight_out_in(gm._parameters[b.param], b.layout)
+        quantized = gm if b.quantization is not None else None
         for e, (suffix, adapter) in enumerate(gm.get_submodule(b.attr).units()):
-            units.append(AdapterUnit(b.site + suffix, path, adapter, weight[e] if suffix else weight))
+            units.append(AdapterUnit(b.site + suffix, path, adapter, weight[e] if suffix else weight, quantized))
     return units

@@ -54,6 +54,8 @@ class Site:
         ndim: Number of dimensions of the weight.
         bypass: How a parent skips this site's owner (it reads the weight directly), or None.
         experts: For an ``expert`` site, how many experts the parameter holds (one adapter each); else 0.
+        quantization: How the base weight is stored when quantized (``"bitsandbytes.nf4"``, ``"torchao.Int8Tensor"``,
+            ``aurora_fx.quantized``), or None for a float weight.
     """
 
     path: str
@@ -75,6 +77,7 @@ class Site:
     ndim: int = 2
     bypass: str | None = None
     experts: int = 0
+    quantization: str | None = None
 
     @property
     def adaptable(self) -> bool:
@@ -135,8 +138,8 @@ class SiteTable:
 
     def __str__(self) -> str:
         rows = [
-            (s.path or "<root>", s.kind, _shape(s), "yes" if s.matched else "",
-             s.adapted or "", s.reason or "")
+            (s.path or "<root>", s.kind if s.quantization is None else f"{s.kind} ({s.quantization})", _shape(s),
+             "yes" if s.matched else "", s.adapted or "", s.reason or "")
             for s in self.sites
         ]
         text = format_table(("site", "kind", "shape", "matched", "adapted", "note"), rows)

@@ -18,7 +18,7 @@ import torch.fx as fx
 from torch import nn
 
 from aurora_fx.inventory import adapters
-from aurora_fx.owners import ExpertOwner, iter_bindings, owner_state
+from aurora_fx.owners import WrappedOwner, iter_bindings, owner_state
 from aurora_fx.passes.base import ADAPTER_TAG, ROLE
 from aurora_fx.records import AdapterInfo, format_table
 
@@ -142,8 +142,8 @@ def inspect(model: nn.Module) -> AdapterReport:
     """Report what aurora_fx did to ``model`` (see ``AdapterReport``)."""
     code, graphs = {}, {}
     for _, gm, b in iter_bindings(model):
-        if isinstance(gm, ExpertOwner):
-            code[b.site] = _expert_code(gm, b)
+        if isinstance(gm, WrappedOwner):
+            code[b.site] = _wrapped_code(gm, b)
             continue
         code[b.site] = gm.code
         graphs[b.site] = gm.graph
@@ -159,9 +159,13 @@ def inspect(model: nn.Module) -> AdapterReport:
     )
 
 
-def _expert_code(owner: nn.Module, b) -> str:
+def _wrapped_code(owner: nn.Module, b) -> str:
     family = owner.get_submodule(b.attr)
     original = type(owner_state(owner).original)
+    if b.kind != "expert":
+        return (f"# {type(owner).__name__}: {original.__module__}.{original.__qualname__}.forward "
+                f"(the {b.quantization} base, unchanged), then\n"
+                f"#     out = out + self.{b.attr}(input)   ({family.method}, on the quantized layer's input)\n")
     return (f"# {type(owner).__name__}: {original.__module__}.{original.__qualname__}.forward, unchanged, run under\n"
             f"# aurora_fx.expert_routing.ExpertRouting: wherever it computes with {b.param} (W[e] with F.linear or @,\n"
             f"# W[ids] with torch.bmm, W with grouped_mm), self.{b.attr}.experts[e] ({family.method}, "

@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import aurora_fx
 from aurora_fx.expert_routing import ExpertRouting, ExpertRoutingError
-from aurora_fx.owners import ExpertOwner
+from aurora_fx.owners import WrappedOwner
 from tests.models import MOE_BUILDERS, MOE_EXPERTS, randomize_adapters
 from tests.reference import experts_reference
 
@@ -86,7 +86,7 @@ def test_sites_lists_each_expert_parameter_with_its_expert_count():
 def test_the_adapted_experts_equal_the_oracle_loop_under_every_implementation(name, method):
     model = _adapted(name, method)
     experts = _experts(model)
-    assert isinstance(experts, ExpertOwner) and isinstance(experts, type(experts).__mro__[2])
+    assert isinstance(experts, WrappedOwner) and isinstance(experts, type(experts).__mro__[2])
     hidden, index, weights = _routing(12)
     reference = experts_reference(experts, hidden, index, weights)
     with torch.no_grad():
@@ -263,7 +263,7 @@ def test_merge_then_unload_is_exact(name, method):
     with torch.no_grad():
         expected = model(input_ids=ids).logits
         aurora_fx.merge(model)
-        assert not any(isinstance(m, ExpertOwner) for m in model.modules())
+        assert not any(isinstance(m, WrappedOwner) for m in model.modules())
         assert (model(input_ids=ids).logits - expected).abs().max().item() <= 1e-10
 
 

@@ -159,6 +159,10 @@ class AdapterBase(nn.Module):
         """``Δ(x)`` from ``aurora_fx.functional`` only, without dropout (the test reference)."""
         raise NotImplementedError(f"{type(self).__name__} must implement oracle_delta")
 
+    def add_to(self, base: Tensor, x: Tensor) -> Tensor:
+        """``base + Δ(x)`` in ``base``'s dtype: how a wrapped owner (a quantized linear) adds the adapter."""
+        return base + self(x).to(base.dtype)
+
     @classmethod
     def grouped_delta(cls, adapters: list[AdapterBase], x: Tensor, offs: Tensor) -> Tensor | None:
         """``Δ_e`` of each expert's adapter on its rows of ``x`` (sorted by expert, ``offs`` cumulative), in one go.

@@ -18,11 +18,13 @@ import difflib
 import warnings
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 import aurora_fx.methods  # noqa: F401, I001  (the built-in methods register themselves)
 from aurora_fx.config import AdapterConfig
 from aurora_fx.passes.pattern import Matcher
+from aurora_fx.quantized import quantization
 from aurora_fx.records import Site, SiteRequest, SiteTable
 from aurora_fx.registry import adapter_class
 from aurora_fx.tracing import get_submodule
@@ -35,7 +37,7 @@ def _parameter(site: Site) -> str | None:
 
 
 def _floating(site: Site) -> str | None:
-    if site.floating:
+    if site.floating or site.quantization is not None:
         return None
     return (f"weight dtype {site.dtype} is not floating point; integer or quantized bases are not supported, "
             f"dequantize the layer first")
@@ -150,16 +152,24 @@ def select_requests(model: nn.Module, table: SiteTable, matcher: Matcher, config
 
 
 def _is_quantized(module: nn.Module) -> bool:
+    """A quantized module aurora_fx cannot adapt (the supported quantized linears are sites: ``quantized.py``)."""
+    if quantization(module) is not None:
+        return False
     name = f"{type(module).__module__}.{type(module).__name__}".lower()
-    return ".quantized" in name or "bitsandbytes" in name or "linear8bit" in name or "linear4bit" in name
+    weight = getattr(module, "weight", None)
+    unsupported_bnb = "bitsandbytes" in name and isinstance(weight, torch.Tensor) and not weight.is_floating_point()
+    return ".quantized" in name or unsupported_bnb or "linear8bit" in name or "linear4bit" in name
 
 
 def check_modules(model: nn.Module, table: SiteTable, matcher: Matcher, any_site: bool) -> None:
     """Refuse, with the reason, patterns that reach quantized or untraceable modules (no site there)."""
     quantized = [path for path, m in model.named_modules() if path and _is_quantized(m) and matcher(path, m)]
     if quantized:
-        raise ValueError(f"pattern {matcher.describe()} matches quantized module(s) {quantized[:5]}: integer or "
-                         f"quantized bases are not supported; dequantize them (or load the float model) first")
+        kind = type(get_submodule(model, quantized[0])).__name__
+        raise ValueError(f"pattern {matcher.describe()} matches quantized module(s) {quantized[:5]} of a layout "
+                         f"aurora_fx does not adapt ({kind}); supported quantized bases: bitsandbytes Linear4bit "
+                         f"(nf4/fp4) and Linear8bitLt (int8), torchao weight-only "
+                         f"(quantize_ on nn.Linear). Quantize with one of those, or dequantize these layers first")
     for u in table.untraceable:
         owner = get_submodule(model, u.path)
         names = [u.path] + [f"{u.path}.{p}" if u.path else p for p in u.params]

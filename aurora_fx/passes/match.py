@@ -27,6 +27,7 @@ from aurora_fx.owners import owner_graph, owner_state
 from aurora_fx.passes.base import ADAPTER_TAG
 from aurora_fx.passes.check import check
 from aurora_fx.passes.pattern import Matcher, Pattern, compile_pattern
+from aurora_fx.quantized import quantization
 from aurora_fx.records import Layout, Site, SiteKind, SiteTable, Untraceable
 from aurora_fx.tracing import TraceError, hf_conv1d, iter_param_owners, join_path, param_dtype_ok
 
@@ -153,6 +154,15 @@ def _owner_sites(owner_path: str, owner: nn.Module, graph: fx.Graph) -> tuple[li
     return sites, bypassed
 
 
+def _quantized_site(path: str, owner: nn.Linear) -> Site:
+    state = owner_state(owner)
+    original = state.original if state is not None else owner
+    return Site(path=path, owner=path, param="weight", kind="linear", op="linear", layout="out_in",
+                in_features=owner.in_features, out_features=owner.out_features, dtype=str(owner.weight.dtype),
+                adapted=_adapted_params(owner).get("weight"), owner_type=type(original).__name__,
+                quantization=quantization(owner))
+
+
 def _adapted_params(owner: nn.Module) -> dict[str, str]:
     state = owner_state(owner)
     return {} if state is None else {b.param: getattr(owner, b.attr).method for b in state.bindings}
@@ -224,6 +234,9 @@ def find_sites(model: nn.Module, pattern: Pattern | Matcher = None, *, include_a
     for path, owner in iter_param_owners(model):
         if expert_count(owner) is not None:  # a data-dependent forward: read from what it declares
             sites.extend(expert_sites(path, owner, _adapted_params(owner)))
+            continue
+        if quantization(owner) is not None:  # the quantizer's own forward stays the base
+            sites.append(_quantized_site(path, owner))
             continue
         try:
             graph = owner_graph(owner)
