@@ -18,8 +18,7 @@ from torch import nn
 from aurora_fx.distributed import model_class
 from aurora_fx.fingerprint import fingerprint
 from aurora_fx.model_state import model_state, update_model_state
-from aurora_fx.owners import iter_bindings
-from aurora_fx.records import weight_out_in
+from aurora_fx.owners import base_weight, iter_bindings
 
 __all__ = ["adapter_metadata", "install_record_hooks", "RECORD_KEY", "FORMAT", "FORMAT_VERSION", "controller_json",
            "controller_from_json"]
@@ -117,9 +116,10 @@ def adapter_metadata(model: nn.Module, extra: dict[str, Any] | None = None) -> d
     sites = []
     for owner, gm, b in iter_bindings(model):
         adapter = gm.get_submodule(b.attr)
-        base = fingerprint(weight_out_in(gm._parameters[b.param], b.layout))
+        base = fingerprint(base_weight(gm, b))
         sites.append({
             "path": b.site, "owner": owner, "param": b.param, "attr": b.attr, "kind": b.kind, "layout": b.layout,
+            "quantization": b.quantization,
             "in_features": adapter.in_features, "out_features": adapter.out_features,
             "config": adapter.config.to_dict(), "state": adapter.state(),
             "tensors": sorted(adapter.stored_tensors()),  # (a state dict also holds a frozen piece's dead A, B)

@@ -34,10 +34,10 @@ from aurora_fx.attach import attach, resolve_trainable
 from aurora_fx.config import AdapterConfig
 from aurora_fx.distributed import full, is_main, model_class, world_size
 from aurora_fx.fingerprint import Fingerprint, differs, fingerprint
-from aurora_fx.owners import iter_bindings
+from aurora_fx.owners import Binding, base_weight, iter_bindings
 from aurora_fx.passes.check import require
 from aurora_fx.passes.match import find_sites
-from aurora_fx.records import Site, SiteRequest, weight_out_in
+from aurora_fx.records import Site, SiteRequest
 from aurora_fx.registry import config_from_dict
 from aurora_fx.tracing import get_submodule
 
@@ -69,6 +69,7 @@ class SiteEntry:
     attr: str = ""  # the adapter's attribute in its owner (state_dict keys: <owner>.<attr>.<tensor>)
     base: dict[str, Any] | None = None  # fingerprint of the base weight when saved
     tensors: tuple[str, ...] = ()  # the adapter's stored tensor names (empty in older checkpoints)
+    quantization: str | None = None  # the base weight's quantization when saved (Site.quantization)
 
 
 @dataclass(frozen=True)
@@ -246,11 +247,19 @@ def _check_base(model: nn.Module, ckpt: Checkpoint) -> None:
     if ckpt.model_class and ckpt.model_class != name:
         raise CheckpointError(f"checkpoint {str(ckpt.path)!r} was saved from a {ckpt.model_class}, but this model "
                               f"is a {name}; load it onto the base it was trained on, or {override}")
+    sites = {s.path: s for s in find_sites(model, lambda p, m: p in {e.path for e in ckpt.sites})}
     for entry in ckpt.sites:
+        site = sites.get(entry.path)
+        if site is not None and site.quantization != entry.quantization:
+            raise CheckpointError(f"site {entry.path!r}: the checkpoint was trained on a base quantized as "
+                                  f"{entry.quantization or 'float (not quantized)'}, but this base is "
+                                  f"{site.quantization or 'float (not quantized)'}; the base weights differ. Quantize "
+                                  f"the base the same way (or load the same float model), or {override}")
         if not entry.base:
             continue
         owner = get_submodule(model, entry.owner)
-        weight = weight_out_in(owner._parameters[entry.param], entry.layout)
+        binding = Binding(entry.path, entry.param, entry.attr, entry.kind, entry.layout, entry.quantization)
+        weight = base_weight(owner, binding)
         now = fingerprint(weight)
         why = now and differs(Fingerprint.from_dict(entry.base), now, weight.numel())
         if why:

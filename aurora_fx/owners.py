@@ -36,6 +36,7 @@ __all__ = [
     "build_wrapped_owner",
     "AdapterUnit",
     "iter_units",
+    "base_weight",
 ]
 
 _STATE_KEY = "aurora_fx"
@@ -292,6 +293,18 @@ class AdapterUnit:
         from aurora_fx.quantized import dequantized_weight
 
         return dequantized_weight(self.quantized)
+
+
+def base_weight(gm: nn.Module, b: Binding) -> Tensor:
+    """The base weight a binding adapts, as float ``(d_out, d_in)`` (experts: ``(E, d_out, d_in)``).
+
+    A quantized base is dequantized into a transient copy.
+    """
+    if b.quantization is None:
+        return weight_out_in(gm._parameters[b.param], b.layout)
+    from aurora_fx.quantized import dequantized_weight
+
+    return dequantized_weight(gm)
 
 
 def iter_units(model: nn.Module) -> list[AdapterUnit]:

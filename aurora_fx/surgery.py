@@ -8,6 +8,7 @@ so a failure leaves the model exactly as it was; the commit only swaps modules.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 
 import torch
@@ -26,6 +27,8 @@ from aurora_fx.records import weight_out_in
 from aurora_fx.registry import make_config
 
 __all__ = ["apply", "unload", "merge", "disable_adapters"]
+
+logger = logging.getLogger("aurora_fx")
 
 
 def apply(
@@ -122,21 +125,58 @@ def _holds_adapter(module: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def merge(model: nn.Module, lossy: bool = False) -> nn.Module:
+def merge(model: nn.Module, lossy: bool = False, *, dequantize: bool = False) -> nn.Module:
     """Fold every adapter into its base weight, then ``unload``.
 
     Exact for LoRA and AROMA (``W ← W + ΔW``, computed in float32 or wider). AuroRA is
     nonlinear in x and refuses unless ``lossy=True``, which applies the paper's static merge
     ``W ← W + s·B·σ(Aᵀ)ᵀ`` (drops ``B·σ(0)``; outputs change). All adapters are checked before
     any weight changes.
+
+    A quantized base (``Site.quantization``) cannot take ``W + ΔW`` in its own storage without a new
+    quantization error; it is refused unless ``dequantize=True``, which replaces each adapted quantized layer
+    by a float ``nn.Linear`` holding ``dequant(W) + ΔW`` (exactly the adapted layer's function, in float32), and
+    logs the largest change of a merged weight relative to the dequantized base.
+
+    Example:
+        >>> aurora_fx.merge(qlora_model, dequantize=True)   # 4-bit base + LoRA → float32 linears
     """
+    _refuse_quantized(model, dequantize)
     updates = []
-    for _, gm, binding in iter_bindings(model):
+    for owner, gm, binding in iter_bindings(model):
         delta = gm.get_submodule(binding.attr).delta_weight(lossy=lossy)  # raises for AuroRA
-        updates.append((weight_out_in(gm._parameters[binding.param], binding.layout), delta))
-    for weight, delta in updates:
+        updates.append((owner, gm, binding, delta))
+    for owner, gm, binding, delta in updates:
+        if binding.quantization is not None:
+            _replace_with_float(model, owner, gm, delta)
+            continue
+        weight = weight_out_in(gm._parameters[binding.param], binding.layout)
         weight.copy_((weight.to(delta.dtype) + delta).to(weight.dtype))
     return unload(model)
+
+
+def _refuse_quantized(model: nn.Module, dequantize: bool) -> None:
+    quantized = [b.site for _, _, b in iter_bindings(model) if b.quantization is not None]
+    if quantized and not dequantize:
+        raise ValueError(f"{len(quantized)} adapted site(s) have a quantized base (e.g. {quantized[0]}); W + ΔW cannot "
+                         f"be stored back quantized without a new rounding error. Pass dequantize=True to get float "
+                         f"nn.Linear layers holding dequant(W) + ΔW (the adapted function, to float32 rounding), or "
+                         f"keep the adapters unmerged (aurora_fx.save_adapters / export.to_peft)")
+
+
+def _replace_with_float(model: nn.Module, owner: str, gm: nn.Module, delta: torch.Tensor) -> None:
+    """Swap the quantized layer for an ``nn.Linear`` with ``dequant(W) + ΔW`` (float32), logging the change."""
+    from aurora_fx.quantized import dequantized_weight
+
+    base = dequantized_weight(gm)
+    merged = nn.Linear(gm.in_features, gm.out_features, bias=gm.bias is not None, device=base.device)
+    merged.weight.copy_(base + delta.to(base))
+    if gm.bias is not None:
+        merged.bias.copy_(gm.bias.float())
+    error = (merged.weight.double() - (base.double() + delta.double())).abs().max().item()
+    logger.warning("merged the quantized %s into a float32 nn.Linear: dequant(W) + ΔW stored with a largest error of "
+                   "%.3g (float32 rounding); the layer is no longer quantized", owner, error)
+    swap_module(model, owner, merged)
 
 
 @contextlib.contextmanager

@@ -57,6 +57,7 @@ from aurora_fx.export.onnx import (
     default_atol,
     explain_conversion_error,
     exportable_experts,
+    float_bases,
     is_decoder,
 )
 from aurora_fx.export.serving_folder import write_serving_files
@@ -229,7 +230,7 @@ def to_onnx_decoder(model: nn.Module, path: str | os.PathLike, *, verify: bool =
         raise ValueError(f"{type(model).__name__} is not an HF causal LM with a KV cache (it needs generate() and "
                          f"config.use_cache); export it with aurora_fx.export.to_onnx")
     exported = copy.deepcopy(model).eval()
-    notes = exportable_experts(exported)
+    notes = exportable_experts(exported) + float_bases(exported)
     spec = _spec(exported)
     dtype = next(exported.parameters()).dtype
     flat = _Flat(exported, spec.layers).eval()

@@ -32,6 +32,7 @@ import onnx
 import torch
 from torch import nn
 
+from aurora_fx.attach import attach
 from aurora_fx.export.dynamic_axes import dynamic_spec, reshaped, traceable
 from aurora_fx.export.translation import (
     aurora_delta_add_onnx,
@@ -39,11 +40,15 @@ from aurora_fx.export.translation import (
     lora_delta_add_onnx,
     lora_linear_onnx,
 )
+from aurora_fx.owners import iter_bindings, swap_module
 from aurora_fx.passes.fuse import FUSED_LORA_OP, FUSED_OP
+from aurora_fx.passes.match import find_sites
+from aurora_fx.quantized import dequantized_weight
+from aurora_fx.records import SiteRequest
 from aurora_fx.surgery import merge as merge_adapters
 
 __all__ = ["to_onnx", "ExportResult", "ExportVerificationError", "run_onnx", "flatten_outputs", "output_names",
-           "is_decoder", "exportable_experts", "explain_conversion_error"]
+           "is_decoder", "exportable_experts", "float_bases", "explain_conversion_error"]
 
 TWO_GB = 2 * 1024**3
 TRANSLATIONS = {FUSED_OP: aurora_delta_add_onnx, FUSED_LORA_OP: lora_delta_add_onnx,
@@ -245,7 +250,7 @@ def to_onnx(
     target = Path(path)
     atol = default_atol(model) if atol is None else atol
     exported = copy.deepcopy(model).eval()
-    notes += exportable_experts(exported)
+    notes += exportable_experts(exported) + float_bases(exported)
     if merge:
         merge_adapters(exported, lossy=lossy)
     outputs = _check_inputs(exported, args, kwargs)
@@ -286,6 +291,40 @@ def exportable_experts(model: nn.Module) -> tuple[str, ...]:
     switch("batched_mm")
     return (f"the experts run as 'batched_mm' in the graph (the model's {impl!r} implementation does not export); "
             f"the outputs are the same",)
+
+
+def float_bases(model: nn.Module) -> tuple[str, ...]:
+    """Give each adapted quantized linear of ``model`` (a copy) a float base, the adapter kept; notes if it did.
+
+    The quantizers' kernels have no ONNX form: the graph gets ``dequant(W)`` as a float ``nn.Linear`` with the same
+    adapter (weights copied) on it, which computes what the quantized layer plus adapter computes.
+    """
+    quantized = [(owner, gm, b) for owner, gm, b in iter_bindings(model) if b.quantization is not None]
+    adapters = {}
+    for owner, gm, b in quantized:
+        layer = nn.Linear(gm.in_features, gm.out_features, bias=gm.bias is not None)
+        with torch.no_grad():
+            layer.weight.copy_(dequantized_weight(gm))
+            if gm.bias is not None:
+                layer.bias.copy_(gm.bias.float())
+        adapters[b.site] = gm.get_submodule(b.attr)
+        swap_module(model, owner, layer)
+    if not quantized:
+        return ()
+    table = find_sites(model, lambda path, m: path in adapters)
+    attach(model, [SiteRequest(site, adapters[site.path].config) for site in table.matched], _copy_from(adapters))
+    kinds = sorted({b.quantization for _, _, b in quantized})
+    return (f"{len(quantized)} quantized base layer(s) ({', '.join(kinds)}) run dequantized in float32 in the graph "
+            f"(the quantizers' kernels have no ONNX form); the adapters are unchanged",)
+
+
+def _copy_from(adapters: dict[str, nn.Module]):
+    def fill(site: str, new: nn.Module) -> None:
+        old = adapters[site]
+        new.load_state(old.state(), old.stored_tensors())
+        new.load_state_dict(old.state_dict())
+
+    return fill
 
 
 _NO_ONNX = re.compile(r"No ONNX function found for <OpOverload\(op='([^']+)'")
