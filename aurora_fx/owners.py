@@ -17,6 +17,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from aurora_fx.expert_routing import ExpertRouting
+from aurora_fx.quantized import dequantized_weight, frozen_base_forward
 from aurora_fx.records import Layout, SiteKind, weight_out_in
 from aurora_fx.tracing import get_submodule, trace_own_forward
 
@@ -226,7 +227,8 @@ class WrappedOwner:
             with ExpertRouting(weights):
                 return super().forward(*args, **kwargs)
         x = args[0] if args else kwargs["input"]
-        return self._modules[bindings[0].attr].add_to(super().forward(*args, **kwargs), x)
+        base = frozen_base_forward(self, super().forward, x)  # (no float copy of the weight kept for backward)
+        return self._modules[bindings[0].attr].add_to(base, x)
 
 
 _WRAPPED_CLASSES: dict[type, type] = {}
@@ -290,8 +292,6 @@ class AdapterUnit:
         """The base weight as a float ``(d_out, d_in)``: the view itself, or a transient dequantized copy."""
         if self.quantized is None:
             return self.weight
-        from aurora_fx.quantized import dequantized_weight
-
         return dequantized_weight(self.quantized)
 
 
@@ -302,8 +302,6 @@ def base_weight(gm: nn.Module, b: Binding) -> Tensor:
     """
     if b.quantization is None:
         return weight_out_in(gm._parameters[b.param], b.layout)
-    from aurora_fx.quantized import dequantized_weight
-
     return dequantized_weight(gm)
 
 

@@ -43,9 +43,10 @@ from aurora_fx.export.translation import (
 from aurora_fx.owners import iter_bindings, swap_module
 from aurora_fx.passes.fuse import FUSED_LORA_OP, FUSED_OP
 from aurora_fx.passes.match import find_sites
-from aurora_fx.quantized import dequantized_weight
+from aurora_fx.quantized import dequantized_weight, quantization
 from aurora_fx.records import SiteRequest
 from aurora_fx.surgery import merge as merge_adapters
+from aurora_fx.tracing import get_submodule
 
 __all__ = ["to_onnx", "ExportResult", "ExportVerificationError", "run_onnx", "flatten_outputs", "output_names",
            "is_decoder", "exportable_experts", "float_bases", "explain_conversion_error"]
@@ -294,28 +295,33 @@ def exportable_experts(model: nn.Module) -> tuple[str, ...]:
 
 
 def float_bases(model: nn.Module) -> tuple[str, ...]:
-    """Give each adapted quantized linear of ``model`` (a copy) a float base, the adapter kept; notes if it did.
+    """Give every quantized linear of ``model`` (a copy) a float base, adapters kept; notes if it did.
 
-    The quantizers' kernels have no ONNX form: the graph gets ``dequant(W)`` as a float ``nn.Linear`` with the same
-    adapter (weights copied) on it, which computes what the quantized layer plus adapter computes.
+    The quantizers' kernels have no ONNX form: the graph gets ``dequant(W)`` as a float ``nn.Linear`` (with the same
+    adapter, weights copied, where there was one), which computes what the quantized layer computes.
     """
-    quantized = [(owner, gm, b) for owner, gm, b in iter_bindings(model) if b.quantization is not None]
-    adapters = {}
-    for owner, gm, b in quantized:
-        layer = nn.Linear(gm.in_features, gm.out_features, bias=gm.bias is not None)
-        with torch.no_grad():
-            layer.weight.copy_(dequantized_weight(gm))
-            if gm.bias is not None:
-                layer.bias.copy_(gm.bias.float())
-        adapters[b.site] = gm.get_submodule(b.attr)
-        swap_module(model, owner, layer)
-    if not quantized:
+    adapted = {owner: (gm, b) for owner, gm, b in iter_bindings(model) if b.quantization is not None}
+    plain = [path for path, m in model.named_modules() if path and quantization(m) is not None and path not in adapted]
+    adapters = {b.site: gm.get_submodule(b.attr) for gm, b in adapted.values()}
+    kinds = sorted({quantization(m) for path, m in model.named_modules() if path in adapted or path in plain})
+    for path in [*adapted, *plain]:
+        swap_module(model, path, _float_linear(get_submodule(model, path)))
+    if not kinds:
         return ()
-    table = find_sites(model, lambda path, m: path in adapters)
-    attach(model, [SiteRequest(site, adapters[site.path].config) for site in table.matched], _copy_from(adapters))
-    kinds = sorted({b.quantization for _, _, b in quantized})
-    return (f"{len(quantized)} quantized base layer(s) ({', '.join(kinds)}) run dequantized in float32 in the graph "
-            f"(the quantizers' kernels have no ONNX form); the adapters are unchanged",)
+    if adapters:
+        table = find_sites(model, lambda path, m: path in adapters)
+        attach(model, [SiteRequest(s, adapters[s.path].config) for s in table.matched], _copy_from(adapters))
+    return (f"{len(adapted) + len(plain)} quantized linear(s) ({', '.join(kinds)}) run dequantized in float32 in the "
+            f"graph (the quantizers' kernels have no ONNX form); the adapters are unchanged",)
+
+
+def _float_linear(layer: nn.Module) -> nn.Linear:
+    out = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+    with torch.no_grad():
+        out.weight.copy_(dequantized_weight(layer))
+        if layer.bias is not None:
+            out.bias.copy_(layer.bias.float())
+    return out
 
 
 def _copy_from(adapters: dict[str, nn.Module]):
