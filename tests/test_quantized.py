@@ -208,3 +208,28 @@ def test_to_peft_loads_in_peft_on_the_bitsandbytes_model(tmp_path):
     loaded = peft.PeftModel.from_pretrained(_quantized("bnb-nf4"), str(tmp_path)).eval()
     with torch.no_grad():
         assert (loaded(input_ids=ids).logits - expected).abs().max().item() <= 1e-4
+
+
+@pytest.mark.slow
+def test_the_hf_loading_path_with_a_bitsandbytes_config(tmp_path):
+    """from_pretrained(quantization_config=BitsAndBytesConfig(4-bit)) → apply → train → save_pretrained →
+    aurora_fx.from_pretrained back onto a quantized model, with the same outputs."""
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    _llama().save_pretrained(tmp_path / "base")
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    model = LlamaForCausalLM.from_pretrained(tmp_path / "base", quantization_config=config, device_map="cpu")
+    assert aurora_fx.sites(model, "q_proj").matched[0].quantization == "bitsandbytes.nf4"
+    aurora_fx.apply(model, "q_proj|v_proj", method="lora", rank=4, alpha=8.0)
+    losses = _train(model, steps=10)
+    assert losses[-1] < losses[0]
+    model.eval()
+    ids = _ids()
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path / "tuned")
+    back = aurora_fx.from_pretrained(LlamaForCausalLM, tmp_path / "tuned", quantization_config=config,
+                                     device_map="cpu").eval()
+    assert isinstance(back.model.layers[0].self_attn.q_proj, WrappedOwner)
+    with torch.no_grad():
+        assert (back(input_ids=ids).logits - expected).abs().max().item() <= 1e-5
