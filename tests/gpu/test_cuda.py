@@ -86,3 +86,16 @@ def test_aroma_decisions_sync_under_nccl(tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["history"] == ranks[1]["history"] and ranks[0]["fresh"] == ranks[1]["fresh"]
+
+
+def test_full_opcheck_of_the_triton_ops_on_cuda():
+    """The fake-tensor and AOT-dispatch checks the CPU interpreter cannot run (tests/ops/triton_worker.py)."""
+    pytest.importorskip("triton")
+    ops = torch.ops.aurora_fx
+
+    def leaf(*shape):
+        return torch.randn(*shape, device="cuda").requires_grad_()
+
+    x, base, A, B, H, Ws = leaf(7, 6), leaf(7, 5), leaf(2, 6), leaf(5, 2), leaf(2, 2), leaf(2, 8)
+    torch.library.opcheck(ops.aurora_delta_add_triton.default, (base, x, A, B, H, Ws, 2.0, -1.0, 0.4))
+    torch.library.opcheck(ops.lora_delta_add_triton.default, (base, x, A, B, 2.0))

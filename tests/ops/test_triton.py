@@ -45,3 +45,11 @@ def test_kernels_equal_the_oracle_forward_and_backward(cases, op):
 def test_the_inplace_variant_accumulates_into_base(cases):
     (case,) = [c for c in cases if c["op"] == "inplace"]
     assert case["same_tensor"] and case["forward"] <= 1e-6
+
+
+def test_opcheck_and_float32_gradcheck_of_the_triton_ops(cases):
+    (case,) = [c for c in cases if c["op"] == "opcheck"]
+    assert {k: v for k, v in case.items() if k != "op"} == {
+        "aurora_delta_add_triton": "ok", "lora_delta_add_triton": "ok", "anl_forward_triton": "ok",
+        "anl_backward_triton": "ok", "rank_update_triton": "ok", "rank_update_inplace_triton": "ok",
+        "aurora_delta_add_triton_gradcheck": True, "lora_delta_add_triton_gradcheck": True}
