@@ -223,13 +223,14 @@ def test_the_hf_loading_path_with_a_bitsandbytes_config(tmp_path):
     aurora_fx.apply(model, "q_proj|v_proj", method="lora", rank=4, alpha=8.0)
     losses = _train(model, steps=10)
     assert losses[-1] < losses[0]
-    model.eval()
+    # compared in train mode (LoRA dropout 0: deterministic): bitsandbytes' CPU eval kernel repacks 4-bit weights in
+    # place, and the inverse its save runs is lossy (outputs move by ~1e-2 after save_pretrained)
     ids = _ids()
     with torch.no_grad():
         expected = model(input_ids=ids).logits
     model.save_pretrained(tmp_path / "tuned")
     back = aurora_fx.from_pretrained(LlamaForCausalLM, tmp_path / "tuned", quantization_config=config,
-                                     device_map="cpu").eval()
+                                     device_map="cpu").train()
     assert isinstance(back.model.layers[0].self_attn.q_proj, WrappedOwner)
     with torch.no_grad():
         assert (back(input_ids=ids).logits - expected).abs().max().item() <= 1e-5
