@@ -28,6 +28,7 @@ SEQ2SEQ = ("tests/export/test_seq2seq.py",)
 SYNC = ("tests/test_fsdp.py::test_aroma_decisions_stay_identical_when_only_the_controller_syncs",)
 MIXED = ("tests/test_activation_checkpointing.py",)
 EXPERTS = ("tests/test_experts.py",)
+QUANT = ("tests/test_quantized.py",)
 
 MUTANTS: list[Mutant] = [
     # -- to_peft's fit (the serve-as-LoRA path)
@@ -227,4 +228,17 @@ MUTANTS: list[Mutant] = [
     Mutant("record-no-resize", "aurora_fx/adapter_record.py",
            "        _prepare_adapters(module, meta, state_dict, prefix)", "        pass",
            ("tests/test_aroma_trainer.py",), "grown AROMA factors not reshaped before a state dict loads"),
+    # -- quantized bases (issue 32)
+    Mutant("quantized-base-keeps-float", "aurora_fx/quantized.py",
+           "    if frozen and torch.is_grad_enabled() and x.requires_grad:", "    if False:", QUANT,
+           "the quantizer's own backward (torchao keeps dequant(W)ᵀ) instead of the transient one"),
+    Mutant("quantized-packed-dequant", "aurora_fx/quantized.py",
+           '    if getattr(state, "packing_format_for_cpu", False):', "    if False:", QUANT,
+           "bitsandbytes' CPU-repacked 4-bit weights dequantized as if unpacked"),
+    Mutant("quantized-mismatch-allowed", "aurora_fx/checkpoint.py",
+           "        if site is not None and site.quantization != entry.quantization:",
+           "        if False:", QUANT, "a checkpoint loads onto a base quantized another way without a word"),
+    Mutant("quantized-adapter-skipped", "aurora_fx/owners.py",
+           "        return self._modules[bindings[0].attr].add_to(base, x)", "        return base", QUANT,
+           "a quantized site's adapter never added"),
 ]
