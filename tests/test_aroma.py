@@ -265,7 +265,7 @@ def test_the_tracked_effective_weight_norm_is_exact_after_merges():
                 t.adapter.B.normal_(0, 0.5)
         controller._outer_step()
         for t in controller.tracks:
-            dense = t.weight.double() + t.adapter.U.double() @ t.adapter.V.double()
+            dense = t.weight().double() + t.adapter.U.double() @ t.adapter.V.double()
             assert t.wnorm2 == pytest.approx(float((dense ** 2).sum()), rel=1e-6)  # (W·V is float32)
     assert all(t.adapter.merged_rank >= 2 for t in controller.tracks)
 

@@ -132,7 +132,7 @@ CASES_ERR = [
          r"weight dtype torch\.int8 is not floating point.*dequantize the layer first"),
     Case("quantized-module", lambda t: aurora_fx.apply(
         torch.ao.quantization.quantize_dynamic(small(), {nn.Linear}, dtype=torch.qint8), r"^0$"), ValueError,
-         r"matches quantized module\(s\) \['0'\].*dequantize them"),
+         r"matches quantized module\(s\) \['0'\].*supported quantized bases.*dequantize these layers"),
     Case("meta-device-training", lambda t: aurora_fx.trainable_parameters(meta_model()), ValueError,
          r"on the meta device.*load real weights first"),
     Case("mixed-devices", lambda t: aurora_fx.apply(mixed_devices(), r"^0$"), ValueError,
