@@ -114,7 +114,7 @@ def _plan_owner(model: nn.Module, path: str, requests: list[SiteRequest], fuse: 
     adapters, bindings = _new_adapters(current, requests, dtype)
     state = owner_state(current)
     old = state.bindings if state is not None else ()
-    if requests[0].site.kind == "expert" or requests[0].site.quantization is not None:
+    if requests[0].site.kind in ("expert", "conv") or requests[0].site.quantization is not None:
         return OwnerPlan(path, build_wrapped_owner(current, adapters, old + bindings), bindings)
     graph = copy_graph(current.graph) if state is not None else owner_graph(current)
     gm = build_owner(current, graph, adapters, old + bindings)

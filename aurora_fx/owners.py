@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch.fx as fx
 from torch import Tensor, nn
 
+from aurora_fx.conv_sites import conv_delta
 from aurora_fx.expert_routing import ExpertRouting
 from aurora_fx.quantized import dequantized_weight, frozen_base_forward
 from aurora_fx.records import Layout, SiteKind, weight_out_in
@@ -209,7 +210,9 @@ class WrappedOwner:
     * an experts module (``aurora_fx.expert_sites``, a data-dependent forward): it runs inside the routing mode
       (``aurora_fx.expert_routing``), which adds each expert's adapter where the expert weights compute;
     * a quantized ``nn.Linear`` (``aurora_fx.quantized``): the quantizer's forward is the base, and the adapter's
-      output on the same input is added to it (``AdapterBase.add_to``).
+      output on the same input is added to it (``AdapterBase.add_to``);
+    * a convolution (``aurora_fx.conv_sites``): the convolution is the base, and the adapter runs on its input
+      patches (``conv_sites.conv_delta``).
 
     ``build_wrapped_owner`` makes an instance of a subclass of the module's own class (``AdaptedQwen3MoeExperts``,
     ``AdaptedLinear4bit``) holding the same members plus the adapters, so ``isinstance``, the class's methods and
@@ -227,8 +230,12 @@ class WrappedOwner:
             with ExpertRouting(weights):
                 return super().forward(*args, **kwargs)
         x = args[0] if args else kwargs["input"]
+        adapter = self._modules[bindings[0].attr]
+        if bindings[0].kind == "conv":
+            out = super().forward(*args, **kwargs)
+            return out + conv_delta(adapter, x, self).to(out.dtype)
         base = frozen_base_forward(self, super().forward, x)  # (no float copy of the weight kept for backward)
-        return self._modules[bindings[0].attr].add_to(base, x)
+        return adapter.add_to(base, x)
 
 
 _WRAPPED_CLASSES: dict[type, type] = {}

@@ -67,7 +67,7 @@ def dequantized_weight(module: nn.Module) -> Tensor:
 
 
 def _dequantize_bnb4(weight: Tensor) -> Tensor:
-    """bitsandbytes 4-bit weights, also after its CPU eval path repacked them in place (``packing_format_for_cpu``)."""
+    """Bitsandbytes 4-bit weights, also after its CPU eval path repacked them in place (``packing_format_for_cpu``)."""
     import copy
 
     import bitsandbytes.functional as bnbf

@@ -14,18 +14,21 @@ if TYPE_CHECKING:
 __all__ = ["Site", "SiteRequest", "SiteKind", "Layout", "weight_out_in", "Untraceable", "SiteTable", "AdapterInfo",
            "format_table"]
 
-SiteKind = Literal["linear", "conv1d", "functional", "expert"]
+SiteKind = Literal["linear", "conv1d", "functional", "expert", "conv"]
 """``linear`` (nn.Linear), ``conv1d`` (HF Conv1D), ``functional`` (``F.linear``/``@``/``addmm`` on a
 parameter in a module's own forward) or ``expert`` (a 3-D ``(E, ·, ·)`` parameter of a mixture-of-experts
-module: one linear map per expert, ``aurora_fx.expert_sites``)."""
+module: one linear map per expert, ``aurora_fx.expert_sites``) or ``conv`` (``nn.Conv1d``/``nn.Conv2d``, a linear map
+on input patches, ``aurora_fx.conv_sites``)."""
 
-Layout = Literal["out_in", "in_out"]
+Layout = Literal["out_in", "in_out", "conv"]
 """How a site's weight is stored: ``out_in`` = ``(d_out, d_in)`` like nn.Linear, ``in_out`` = ``(d_in, d_out)``
-like HF Conv1D and ``x @ W``."""
+like HF Conv1D and ``x @ W``, ``conv`` = ``(C_out, C_in, k…)`` (read as ``(C_out, C_in·∏k)``)."""
 
 
 def weight_out_in(weight: Tensor, layout: Layout) -> Tensor:
     """The weight as ``(d_out, d_in)`` (``(E, d_out, d_in)`` for experts) whatever its layout (a view, never a copy)."""
+    if layout == "conv":
+        return weight.view(weight.shape[0], -1)
     return weight if layout == "out_in" else weight.transpose(-2, -1)
 
 
@@ -54,6 +57,7 @@ class Site:
         ndim: Number of dimensions of the weight.
         bypass: How a parent skips this site's owner (it reads the weight directly), or None.
         experts: For an ``expert`` site, how many experts the parameter holds (one adapter each); else 0.
+        unsupported: Why this layer's layout cannot take an adapter (a grouped convolution, ...), or None.
         quantization: How the base weight is stored when quantized (``"bitsandbytes.nf4"``, ``"torchao.Int8Tensor"``,
             ``aurora_fx.quantized``), or None for a float weight.
     """
@@ -78,6 +82,7 @@ class Site:
     bypass: str | None = None
     experts: int = 0
     quantization: str | None = None
+    unsupported: str | None = None
 
     @property
     def adaptable(self) -> bool:

@@ -162,6 +162,10 @@ def inspect(model: nn.Module) -> AdapterReport:
 def _wrapped_code(owner: nn.Module, b) -> str:
     family = owner.get_submodule(b.attr)
     original = type(owner_state(owner).original)
+    if b.kind == "conv":
+        return (f"# {type(owner).__name__}: {original.__module__}.{original.__qualname__}.forward (the convolution, "
+                f"unchanged), then\n#     out = out + conv_delta(self.{b.attr}, input)   ({family.method} on the "
+                f"input patches: A as a convolution, B as a 1×1 one)\n")
     if b.kind != "expert":
         return (f"# {type(owner).__name__}: {original.__module__}.{original.__qualname__}.forward "
                 f"(the {b.quantization} base, unchanged), then\n"

@@ -264,6 +264,20 @@ def _expert_factors(family: nn.Module) -> LoraFactors:
     return LoraFactors(a.reshape(-1, a.shape[-1]), b.permute(1, 2, 0).reshape(b.shape[1], -1), factors[0].scale)
 
 
+def _conv_factors(conv: nn.Module, factors: LoraFactors) -> LoraFactors:
+    """A convolution site's factors as PEFT's conv LoRA.
+
+    ``lora_A`` is a ``(k, C_in, kernel…)`` convolution (the layer's kernel, stride and padding), ``lora_B`` a
+    ``(C_out, k, 1…)`` pointwise one.
+    """
+    if any(d != 1 for d in conv.dilation):
+        raise ValueError(f"convolution {conv} has dilation {conv.dilation}: PEFT's conv LoRA builds lora_A without "
+                         f"dilation, so the folder would compute something else; serve it through ONNX or aurora_fx")
+    k, ones = factors.A.shape[0], (1,) * (conv.weight.dim() - 2)
+    return LoraFactors(factors.A.reshape(k, *conv.weight.shape[1:]), factors.B.reshape(factors.B.shape[0], k, *ones),
+                       factors.scale)
+
+
 def _pad_rows(t: torch.Tensor, k: int) -> torch.Tensor:
     return torch.cat([t, t.new_zeros(k - t.shape[0], t.shape[1])]) if t.shape[0] < k else t
 
@@ -300,6 +314,8 @@ def to_peft(model: nn.Module, folder: str | os.PathLike, mode: str | None = None
     tensors, sites = {}, []
     for a, b in kept:
         factors, c, how, record = written[b.site]
+        if b.kind == "conv":
+            factors = _conv_factors(get_submodule(model, b.site), factors)
         tensors.update(_site_tensors(keys[b.site], factors, c, alpha / ranks[b.site]))
         sites.append(SiteExport(b.site, a.method, ranks[b.site], how, **record))
     tensors.update(_saved_modules(model))
@@ -403,7 +419,8 @@ def _config(model: nn.Module, adapters, ranks: dict[str, int], alpha: float, lor
     cls = model_class(model)
     return {
         "peft_type": "LORA", "task_type": None, "r": int(r), "lora_alpha": float(alpha),
-        "target_modules": sorted(set(ranks) - set(experts)), "target_parameters": experts or None,
+        "target_modules": _target_modules(model, sorted(set(ranks) - set(experts))),
+        "target_parameters": experts or None,
         "lora_dropout": 0.0, "bias": "none", "lora_bias": lora_bias,
         "use_rslora": False, "use_dora": False, "fan_in_fan_out": "conv1d" in kinds, "init_lora_weights": True,
         "rank_pattern": {re.escape(s): int(v) for s, v in ranks.items() if v != r},
@@ -412,6 +429,17 @@ def _config(model: nn.Module, adapters, ranks: dict[str, int], alpha: float, lor
         "inference_mode": True, "revision": None,
         "auto_mapping": {"base_model_class": cls.__name__, "parent_library": cls.__module__},
     }
+
+
+def _target_modules(model: nn.Module, sites: list[str]) -> list[str] | str:
+    """The site paths, or one full-match regex of them when a path is also the tail of another module's path.
+
+    PEFT takes a list entry as a suffix (``"conv1"`` targets every ``*.conv1``), so a root-level ``conv1`` would
+    put (zero) adapters on every block's ``conv1``; a string is matched with ``re.fullmatch`` instead.
+    """
+    names = [n for n, _ in model.named_modules() if n]
+    ambiguous = any(other != site and other.endswith("." + site) for site in sites for other in names)
+    return "(" + "|".join(re.escape(site) for site in sites) + ")" if ambiguous else sites
 
 
 def _write(folder: Path, config: dict, tensors: dict[str, torch.Tensor]) -> None:

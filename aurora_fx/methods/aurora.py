@@ -35,6 +35,7 @@ class AuroraAdapter(AdapterBase):
     """
 
     config_class = AuroraConfig
+    has_code_delta = True
 
     def __init__(self, in_features: int, out_features: int, config: AuroraConfig, *, device=None, dtype=None) -> None:
         super().__init__(in_features, out_features, config)
@@ -63,6 +64,11 @@ class AuroraAdapter(AdapterBase):
         """The AuroRA delta ``s·B·σ(A·drop(x))`` (reference path; the fuse pass swaps in the op)."""
         x = self._input(x, self.A)
         return AF.aurora_delta(x, self.A, self.B, self.H, self.Ws, self.knots, self.scale, self.order)
+
+    def code_delta(self, z: Tensor) -> Tensor:
+        """``s·B·σ(z)`` for the code ``z = A·drop(x)`` (convolution sites)."""
+        sigma = AF.anl(z, self.H, self.Ws, self.knots, self.order)
+        return torch.nn.functional.linear(sigma, self.B) * self.scale
 
     def fusion(self) -> Fusion | str:
         """``ops.aurora_delta(base, x, A, B, H, Ws, s, lo, h)`` for cubic splines (CPU op, or Triton on CUDA)."""

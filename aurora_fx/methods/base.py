@@ -77,6 +77,7 @@ class AdapterBase(nn.Module):
 
     config_class: ClassVar[type[AdapterConfig]] = AdapterConfig
     reads_base_weight: ClassVar[bool] = False
+    has_code_delta: ClassVar[bool] = False  # code_delta(z) is implemented (convolution sites use it)
     variable_width: ClassVar[dict[str, int]] = {}
 
     def __init__(self, in_features: int, out_features: int, config: AdapterConfig) -> None:
@@ -158,6 +159,13 @@ class AdapterBase(nn.Module):
     def oracle_delta(self, x: Tensor) -> Tensor:
         """``Δ(x)`` from ``aurora_fx.functional`` only, without dropout (the test reference)."""
         raise NotImplementedError(f"{type(self).__name__} must implement oracle_delta")
+
+    def code_delta(self, z: Tensor) -> Tensor:
+        """``Δ`` from the code ``z = A·drop(x)`` (``(..., r)``), for methods with ``has_code_delta``.
+
+        Convolution sites compute ``z`` as a convolution and the rest per position (``conv_sites.py``).
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no code_delta (has_code_delta is False)")
 
     def add_to(self, base: Tensor, x: Tensor) -> Tensor:
         """``base + Δ(x)`` in ``base``'s dtype: how a wrapped owner (a quantized linear) adds the adapter."""

@@ -26,6 +26,7 @@ class LoraAdapter(AdapterBase):
 
     config_class = LoraConfig
     lora_exact = True
+    has_code_delta = True
 
     def __init__(self, in_features: int, out_features: int, config: LoraConfig, *, device=None, dtype=None) -> None:
         super().__init__(in_features, out_features, config)
@@ -37,6 +38,10 @@ class LoraAdapter(AdapterBase):
     def forward(self, x: Tensor) -> Tensor:
         """The LoRA delta ``s·B·A·drop(x)``."""
         return AF.lora_delta(self._input(x, self.A), self.A, self.B, self.scale)
+
+    def code_delta(self, z: Tensor) -> Tensor:
+        """``s·B·z`` for the code ``z = A·drop(x)`` (convolution sites)."""
+        return torch.nn.functional.linear(z, self.B) * self.scale
 
     def fusion(self) -> Fusion:
         """``ops.lora_delta(base, x, A, B, s)``."""

@@ -77,7 +77,12 @@ def _method_accepts(site: Site, config: AdapterConfig) -> str | None:
     return adapter_class(config).check_site(site, config)
 
 
-_SITE_RULES: tuple[Callable[[Site], str | None], ...] = (_parameter, _floating, _two_d, _not_root, _not_bypassed)
+def _supported_layout(site: Site) -> str | None:
+    return site.unsupported
+
+
+_SITE_RULES: tuple[Callable[[Site], str | None], ...] = (_parameter, _floating, _two_d, _not_root, _not_bypassed,
+                                                         _supported_layout)
 _REQUEST_RULES: tuple[Callable[[Site, AdapterConfig], str | None], ...] = (_free, _rank_fits, _method_accepts)
 
 
@@ -107,7 +112,7 @@ def check_export(kind: str, target: str) -> str | None:
     PEFT's LoRA targets modules (``nn.Linear``, HF ``Conv1D``): a functional site, a weight a
     module's own forward uses through ``F.linear``/``@``, has no module PEFT could wrap.
     """
-    if kind in ("linear", "conv1d"):
+    if kind in ("linear", "conv1d", "conv"):
         return None
     return (f"it is a {kind} site (a weight used inside a module's own forward), and {target} can only "
             f"target nn.Linear / Conv1D modules; export it with aurora_fx.export.to_onnx, or adapt a Linear child")

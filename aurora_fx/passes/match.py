@@ -21,6 +21,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from aurora_fx.conv_sites import CONV_TYPES, conv_site
 from aurora_fx.expert_sites import expert_count, expert_sites
 from aurora_fx.fastpaths import GUARDED_READS
 from aurora_fx.owners import owner_graph, owner_state
@@ -154,12 +155,15 @@ def _owner_sites(owner_path: str, owner: nn.Module, graph: fx.Graph) -> tuple[li
     return sites, bypassed
 
 
-def _quantized_site(path: str, owner: nn.Linear) -> Site:
+def _original_type(owner: nn.Module) -> str:
     state = owner_state(owner)
-    original = state.original if state is not None else owner
+    return type(state.original if state is not None else owner).__name__
+
+
+def _quantized_site(path: str, owner: nn.Linear) -> Site:
     return Site(path=path, owner=path, param="weight", kind="linear", op="linear", layout="out_in",
                 in_features=owner.in_features, out_features=owner.out_features, dtype=str(owner.weight.dtype),
-                adapted=_adapted_params(owner).get("weight"), owner_type=type(original).__name__,
+                adapted=_adapted_params(owner).get("weight"), owner_type=_original_type(owner),
                 quantization=quantization(owner))
 
 
@@ -237,6 +241,9 @@ def find_sites(model: nn.Module, pattern: Pattern | Matcher = None, *, include_a
             continue
         if quantization(owner) is not None:  # the quantizer's own forward stays the base
             sites.append(_quantized_site(path, owner))
+            continue
+        if isinstance(owner, CONV_TYPES):  # a linear map on input patches, around the module's own forward
+            sites.append(conv_site(path, owner, _adapted_params(owner).get("weight"), _original_type(owner)))
             continue
         try:
             graph = owner_graph(owner)
