@@ -26,6 +26,7 @@ import argparse
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -287,11 +288,63 @@ def report(result: dict) -> None:
                 [(k, f"{1000 * v:.1f}", f"{inf['paired_ratio_to_base'][k]:.3f}") for k, v in inf["median_s"].items()]))
 
 
+# -- 4. convolution sites --------------------------------------------------------------------------
+CONV_VARIANTS = ("bare", "ours_lora_r8", "ours_aurora_r2", "peft_lora_r8")
+
+
+def _conv_variant(module: torch.nn.Module, variant: str, pattern: str) -> torch.nn.Module:
+    module = copy.deepcopy(module)
+    for p in module.parameters():
+        p.requires_grad_(False)
+    if variant == "peft_lora_r8":
+        import peft
+
+        names = [n for n, m in module.named_modules() if isinstance(m, torch.nn.Conv2d) and re.search(pattern, n)]
+        return peft.inject_adapter_in_model(peft.LoraConfig(r=8, lora_alpha=16, target_modules=names), module)
+    if variant != "bare":
+        method, rank = {"ours_lora_r8": ("lora", 8), "ours_aurora_r2": ("aurora", 2)}[variant]
+        aurora_fx.apply(module, pattern, method=method, rank=rank, dropout=0.0)
+    return module
+
+
+def conv(repeats: int, batch: int = 8) -> dict:
+    """fwd+bwd of one Conv2d(256, 256, 3, padding=1) and of a ResNet-50 stage (layer1: 3 bottlenecks, 256 channels)
+    at 56×56, batch ``batch``, input requiring grad; every 2-D convolution adapted; ratios to the bare module."""
+    import timm
+
+    torch.manual_seed(0)
+    blocks = {"conv3x3": (torch.nn.Sequential(torch.nn.Conv2d(256, 256, 3, padding=1)), r"^0$", 256),
+              "resnet50_layer1": (timm.create_model("resnet50", pretrained=False).layer1, r"conv|downsample\.0", 64)}
+    out = {}
+    for name, (module, pattern, channels) in blocks.items():
+        x = torch.randn(batch, channels, 56, 56, requires_grad=True)
+        built = {v: _conv_variant(module, v, pattern) for v in CONV_VARIANTS}
+        grad = torch.randn_like(built["bare"](x))
+        steps = {v: (lambda m=m, x=x, grad=grad: torch.autograd.grad(m(x), x, grad)) for v, m in built.items()}
+        times = interleaved(steps, repeats=repeats, warmup=1)
+        ratios = {v: paired_ratio(times, v, "bare") for v in CONV_VARIANTS}
+        out[name] = {"median_s": {v: median(t) for v, t in times.items()}, "ratio_to_bare": ratios,
+                     "runs_s": times, "ours_lora_le_peft": ratios["ours_lora_r8"] <= ratios["peft_lora_r8"],
+                     "ours_aurora_le_peft": ratios["ours_aurora_r2"] <= ratios["peft_lora_r8"]}
+    return {"batch": batch, "blocks": out}
+
+
+def conv_report(result: dict) -> None:
+    rows = [(name, v, f"{1000 * r['median_s'][v]:.0f}", f"{r['ratio_to_bare'][v]:.3f}")
+            for name, r in result["blocks"].items() for v in CONV_VARIANTS]
+    print(f"\n4. Convolution sites, fwd+bwd, batch {result['batch']}, 56×56 (input requires grad)")
+    print(table(("block", "variant", "ms", "× bare"), rows))
+    for name, r in result["blocks"].items():
+        print(f"{name}: ours LoRA ≤ PEFT LoRA: {r['ours_lora_le_peft']}; ours AuroRA ≤ PEFT LoRA: "
+              f"{r['ours_aurora_le_peft']}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--quick", action="store_true", help="fewer repeats (smoke run)")
     parser.add_argument("--micro-only", action="store_true", help="only the op microbenchmark")
+    parser.add_argument("--conv-only", action="store_true", help="only the convolution part (adapter_conv.json)")
     parser.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rss_child:
@@ -299,6 +352,11 @@ def main() -> None:
         return
     torch.set_num_threads(2)
     repeats = 3 if args.quick else args.repeats
+    if args.conv_only:
+        result = conv(repeats)
+        conv_report(result)
+        print(f"\nwrote {write_json('adapter_conv.json', result)}")
+        return
     result = {"repeats": repeats, "micro": micro(max(repeats, 10) * 4),
               "single_linear": single_linear(max(repeats, 10) * 4)}
     if not args.micro_only:
