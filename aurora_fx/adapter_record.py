@@ -119,7 +119,7 @@ def adapter_metadata(model: nn.Module, extra: dict[str, Any] | None = None) -> d
         base = fingerprint(base_weight(gm, b))
         sites.append({
             "path": b.site, "owner": owner, "param": b.param, "attr": b.attr, "kind": b.kind, "layout": b.layout,
-            "quantization": b.quantization,
+            "quantization": b.quantization, "rows": list(b.rows) if b.rows else None,
             "in_features": adapter.in_features, "out_features": adapter.out_features,
             "config": adapter.config.to_dict(), "state": adapter.state(),
             "tensors": sorted(adapter.stored_tensors()),  # (a state dict also holds a frozen piece's dead A, B)

@@ -114,7 +114,8 @@ def _plan_owner(model: nn.Module, path: str, requests: list[SiteRequest], fuse: 
     adapters, bindings = _new_adapters(current, requests, dtype)
     state = owner_state(current)
     old = state.bindings if state is not None else ()
-    if requests[0].site.kind in ("expert", "conv") or requests[0].site.quantization is not None:
+    site = requests[0].site
+    if site.kind in ("expert", "conv") or site.quantization is not None or site.rows is not None:
         return OwnerPlan(path, build_wrapped_owner(current, adapters, old + bindings), bindings)
     graph = copy_graph(current.graph) if state is not None else owner_graph(current)
     gm = build_owner(current, graph, adapters, old + bindings)
@@ -139,10 +140,10 @@ def _new_adapters(current: nn.Module, requests: list[SiteRequest], dtype: torch.
     for request in requests:
         site = request.site
         weight = current._parameters[site.param]
-        attr = adapter_attr(current, site.param)
+        attr = adapter_attr(current, site.param if site.rows is None else site.path.rpartition("[")[2].rstrip("]"))
         stored = torch.float32 if site.quantization is not None else weight.dtype  # (a quantized base: float32)
         adapters[attr] = _build(request, weight, adapter_dtype(stored, dtype))
-        bindings.append(Binding(site.path, site.param, attr, site.kind, site.layout, site.quantization))
+        bindings.append(Binding(site.path, site.param, attr, site.kind, site.layout, site.quantization, site.rows))
     return adapters, tuple(bindings)
 
 

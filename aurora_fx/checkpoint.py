@@ -70,6 +70,7 @@ class SiteEntry:
     base: dict[str, Any] | None = None  # fingerprint of the base weight when saved
     tensors: tuple[str, ...] = ()  # the adapter's stored tensor names (empty in older checkpoints)
     quantization: str | None = None  # the base weight's quantization when saved (Site.quantization)
+    rows: tuple[int, int] | None = None  # a slice site's output rows (Site.rows)
 
 
 @dataclass(frozen=True)
@@ -192,7 +193,8 @@ def parse_metadata(target: Path, meta: dict[str, Any], tensors: dict[str, torch.
                               f"version {FORMAT_VERSION}")
     try:
         sites = tuple(SiteEntry(**{**s, "config": config_from_dict(s["config"]),
-                                   "tensors": tuple(s.get("tensors", ()))}) for s in meta["sites"])
+                                   "tensors": tuple(s.get("tensors", ())),
+                                   "rows": tuple(s["rows"]) if s.get("rows") else None}) for s in meta["sites"])
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{str(target)!r} has an invalid site record: {exc}") from None
     return Checkpoint(path=target, model_class=str(meta.get("model_class", "")), sites=sites,
@@ -247,7 +249,7 @@ def _check_base(model: nn.Module, ckpt: Checkpoint) -> None:
     if ckpt.model_class and ckpt.model_class != name:
         raise CheckpointError(f"checkpoint {str(ckpt.path)!r} was saved from a {ckpt.model_class}, but this model "
                               f"is a {name}; load it onto the base it was trained on, or {override}")
-    sites = {s.path: s for s in find_sites(model, lambda p, m: p in {e.path for e in ckpt.sites})}
+    sites = {s.path: s for s in find_sites(model, lambda p, m: p in {e.path for e in ckpt.sites}, slices=_slices(ckpt))}
     for entry in ckpt.sites:
         site = sites.get(entry.path)
         if site is not None and site.quantization != entry.quantization:
@@ -258,7 +260,8 @@ def _check_base(model: nn.Module, ckpt: Checkpoint) -> None:
         if not entry.base:
             continue
         owner = get_submodule(model, entry.owner)
-        binding = Binding(entry.path, entry.param, entry.attr, entry.kind, entry.layout, entry.quantization)
+        binding = Binding(entry.path, entry.param, entry.attr, entry.kind, entry.layout, entry.quantization,
+                          entry.rows)
         weight = base_weight(owner, binding)
         now = fingerprint(weight)
         why = now and differs(Fingerprint.from_dict(entry.base), now, weight.numel())
@@ -270,7 +273,7 @@ def _check_base(model: nn.Module, ckpt: Checkpoint) -> None:
 
 def _requests(model: nn.Module, ckpt: Checkpoint) -> list[SiteRequest]:
     wanted = {e.path: e for e in ckpt.sites}
-    table = find_sites(model, lambda p, m: p in wanted)
+    table = find_sites(model, lambda p, m: p in wanted, slices=_slices(ckpt))
     found = {s.path: s for s in table.matched}
     requests = []
     for entry in ckpt.sites:
@@ -282,6 +285,16 @@ def _requests(model: nn.Module, ckpt: Checkpoint) -> list[SiteRequest]:
         _check_shape(entry, site)
         requests.append(SiteRequest(site, entry.config))
     return requests
+
+
+def _slices(ckpt: Checkpoint) -> dict[str, dict[str, tuple[int, int]]]:
+    """The checkpoint's slice sites as ``find_sites``' ``slices`` (whole layer path → name → rows)."""
+    out: dict[str, dict[str, tuple[int, int]]] = {}
+    for e in ckpt.sites:
+        if e.rows is not None:
+            whole, _, name = e.path.partition("[")
+            out.setdefault(whole, {})[name.rstrip("]")] = e.rows
+    return out
 
 
 def _check_shape(entry: SiteEntry, site: Site) -> None:

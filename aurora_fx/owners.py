@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from aurora_fx.conv_sites import conv_delta
@@ -63,6 +64,7 @@ class Binding:
         kind: Site kind.
         layout: Weight storage (see ``Site.layout``).
         quantization: The base weight's quantization (``Site.quantization``), or None.
+        rows: A slice site's output rows (``Site.rows``), or None.
     """
 
     site: str
@@ -71,6 +73,7 @@ class Binding:
     kind: SiteKind
     layout: Layout
     quantization: str | None = None
+    rows: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -212,7 +215,9 @@ class WrappedOwner:
     * a quantized ``nn.Linear`` (``aurora_fx.quantized``): the quantizer's forward is the base, and the adapter's
       output on the same input is added to it (``AdapterBase.add_to``);
     * a convolution (``aurora_fx.conv_sites``): the convolution is the base, and the adapter runs on its input
-      patches (``conv_sites.conv_delta``).
+      patches (``conv_sites.conv_delta``);
+    * slices of a fused projection (``aurora_fx.slice_sites``): the layer is the base, and each slice's adapter adds
+      to its own output rows.
 
     ``build_wrapped_owner`` makes an instance of a subclass of the module's own class (``AdaptedQwen3MoeExperts``,
     ``AdaptedLinear4bit``) holding the same members plus the adapters, so ``isinstance``, the class's methods and
@@ -230,6 +235,12 @@ class WrappedOwner:
             with ExpertRouting(weights):
                 return super().forward(*args, **kwargs)
         x = args[0] if args else kwargs["input"]
+        if bindings[0].rows is not None:  # slices of a fused projection: each adds to its own output rows
+            out = super().forward(*args, **kwargs)
+            for b in bindings:
+                delta = self._modules[b.attr](x).to(out.dtype)
+                out = out + F.pad(delta, (b.rows[0], out.shape[-1] - b.rows[1]))
+            return out
         adapter = self._modules[bindings[0].attr]
         if bindings[0].kind == "conv":
             out = super().forward(*args, **kwargs)
@@ -308,7 +319,8 @@ def base_weight(gm: nn.Module, b: Binding) -> Tensor:
     A quantized base is dequantized into a transient copy.
     """
     if b.quantization is None:
-        return weight_out_in(gm._parameters[b.param], b.layout)
+        weight = weight_out_in(gm._parameters[b.param], b.layout)
+        return weight if b.rows is None else weight[b.rows[0]:b.rows[1]]
     return dequantized_weight(gm)
 
 
@@ -317,6 +329,7 @@ def iter_units(model: nn.Module) -> list[AdapterUnit]:
     units = []
     for path, gm, b in iter_bindings(model):
         weight = weight_out_in(gm._parameters[b.param], b.layout)
+        weight = weight if b.rows is None else weight[b.rows[0]:b.rows[1]]
         quantized = gm if b.quantization is not None else None
         for e, (suffix, adapter) in enumerate(gm.get_submodule(b.attr).units()):
             units.append(AdapterUnit(b.site + suffix, path, adapter, weight[e] if suffix else weight, quantized))

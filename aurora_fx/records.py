@@ -57,6 +57,8 @@ class Site:
         ndim: Number of dimensions of the weight.
         bypass: How a parent skips this site's owner (it reads the weight directly), or None.
         experts: For an ``expert`` site, how many experts the parameter holds (one adapter each); else 0.
+        rows: For a slice site (``qkv[q]``, ``aurora_fx.slice_sites``), the layer's output rows ``(start, stop)`` it
+            covers (``out_features`` is their count); else None.
         unsupported: Why this layer's layout cannot take an adapter (a grouped convolution, ...), or None.
         quantization: How the base weight is stored when quantized (``"bitsandbytes.nf4"``, ``"torchao.Int8Tensor"``,
             ``aurora_fx.quantized``), or None for a float weight.
@@ -83,6 +85,7 @@ class Site:
     experts: int = 0
     quantization: str | None = None
     unsupported: str | None = None
+    rows: tuple[int, int] | None = None
 
     @property
     def adaptable(self) -> bool:

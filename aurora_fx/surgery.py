@@ -18,13 +18,13 @@ from aurora_fx.attach import attach, resolve_trainable
 from aurora_fx.config import AdapterConfig
 from aurora_fx.fastpaths import guard_fast_paths, release_fast_paths
 from aurora_fx.model_state import clear_model_state
-from aurora_fx.owners import iter_bindings, iter_owners, owner_state, restore_original, swap_module
+from aurora_fx.owners import base_weight, iter_bindings, iter_owners, owner_state, restore_original, swap_module
 from aurora_fx.passes.check import select_requests
 from aurora_fx.passes.match import find_sites
 from aurora_fx.passes.pattern import Pattern, compile_pattern
 from aurora_fx.peft_config import as_aurora_config, is_peft_lora_config, peft_selection, refuse_peft_model
-from aurora_fx.records import weight_out_in
 from aurora_fx.registry import make_config
+from aurora_fx.slice_sites import Slices
 
 __all__ = ["apply", "unload", "merge", "disable_adapters"]
 
@@ -43,6 +43,7 @@ def apply(
     trainable_modules: Pattern = None,
     fuse: bool = True,
     dtype: torch.dtype | None = None,
+    slices: Slices | None = None,
 ) -> nn.Module:
     """Put adapters on every linear-like site whose path matches ``pattern``.
 
@@ -69,6 +70,8 @@ def apply(
         fuse: Replace each fusable adapter subgraph by its fused op (AuroRA's ``aurora_delta_add``).
         dtype: Adapter dtype; default float32 on a bf16/fp16 base (PEFT's ``autocast_adapter_dtype``),
             else the base's. Adapters compute in it and add into the base output in the base's.
+        slices: Output-row blocks of fused projections as sites (``{"qkv": {"q": (0, 768)}}``); the known layouts
+            (``qkv``, ``c_attn``, ``qkv_proj``: q/k/v thirds) need none. See ``aurora_fx.slice_sites``.
 
     Returns:
         ``model`` itself.
@@ -87,7 +90,7 @@ def apply(
     pattern, trainable_modules = _selection(model, config, pattern, trainable_modules)
     config = make_config(method, rank, alpha, dropout, as_aurora_config(config))
     matcher = compile_pattern(pattern)
-    table = find_sites(model, matcher)
+    table = find_sites(model, matcher, slices=slices)
     requests = select_requests(model, table, matcher, config)
     trainable = resolve_trainable(model, trainable_modules)
     return attach(model, requests, trainable=trainable, fuse=fuse, dtype=dtype)
@@ -150,7 +153,7 @@ def merge(model: nn.Module, lossy: bool = False, *, dequantize: bool = False) ->
         if binding.quantization is not None:
             _replace_with_float(model, owner, gm, delta)
             continue
-        weight = weight_out_in(gm._parameters[binding.param], binding.layout)
+        weight = base_weight(gm, binding)  # (a view: a slice site's rows of it)
         weight.copy_((weight.to(delta.dtype) + delta).to(weight.dtype))
     return unload(model)
 

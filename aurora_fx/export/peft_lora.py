@@ -45,7 +45,7 @@ import os
 import re
 import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -306,6 +306,7 @@ def to_peft(model: nn.Module, folder: str | os.PathLike, mode: str | None = None
     adapters = _bindings(model)
     mode = mode or _default_mode(adapters)
     written = _factors(model, adapters, mode, calibration, rank, bias)
+    adapters = _join_slices(adapters, written)
     kept = [(a, b) for _, a, b in adapters if written[b.site][0] is not None and written[b.site][0].A.shape[0] > 0]
     ranks = {b.site: written[b.site][0].A.shape[0] // _experts(a) for a, b in kept}  # (an AROMA site that never grew
     # is no target; an expert site's rank is per expert)
@@ -326,6 +327,33 @@ def to_peft(model: nn.Module, folder: str | os.PathLike, mode: str | None = None
     result = PeftExport(Path(folder), mode, tuple(sites), config)
     logger.info("%s", result)
     return result
+
+
+def _join_slices(adapters, written: dict) -> list:
+    """Slice sites of one layer written as one full-width LoRA on the layer (exact).
+
+    PEFT has one LoRA per module: the slices' factors are stacked (``A = [A_q; A_v]``) and each ``B_i`` (scale
+    folded in) fills its own output rows and its own rank columns of a zero ``B``; the other rows stay zero.
+    """
+    groups: dict[str, list] = {}
+    for entry in adapters:
+        if entry[2].rows is not None and written[entry[2].site][0] is not None:
+            groups.setdefault(entry[2].site.partition("[")[0], []).append(entry)
+    out = [e for e in adapters if e[2].rows is None]
+    for whole, entries in groups.items():
+        owner, first, b0 = entries[0]
+        width = owner.weight.shape[1] if b0.kind == "conv1d" else owner.weight.shape[0]
+        parts = [written.pop(b.site)[0] for _, _, b in entries]
+        a = torch.cat([f.A.float() for f in parts])
+        big = torch.zeros(width, a.shape[0])
+        col = 0
+        for (_, _, b), f in zip(entries, parts, strict=True):
+            big[b.rows[0]:b.rows[1], col:col + f.A.shape[0]] = f.B.float() * f.scale
+            col += f.A.shape[0]
+        binding = replace(b0, site=whole, attr="", rows=None)
+        written[whole] = (LoraFactors(a, big, 1.0), None, "exact", {})
+        out.append((owner, first, binding))
+    return out
 
 
 def _experts(adapter: nn.Module) -> int:

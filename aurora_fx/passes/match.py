@@ -24,12 +24,13 @@ from torch import nn
 from aurora_fx.conv_sites import CONV_TYPES, conv_site
 from aurora_fx.expert_sites import expert_count, expert_sites
 from aurora_fx.fastpaths import GUARDED_READS
-from aurora_fx.owners import owner_graph, owner_state
+from aurora_fx.owners import WrappedOwner, owner_graph, owner_state
 from aurora_fx.passes.base import ADAPTER_TAG
 from aurora_fx.passes.check import check
 from aurora_fx.passes.pattern import Matcher, Pattern, compile_pattern
 from aurora_fx.quantized import quantization
 from aurora_fx.records import Layout, Site, SiteKind, SiteTable, Untraceable
+from aurora_fx.slice_sites import Slices, is_fused_layer, slice_sites
 from aurora_fx.tracing import TraceError, hf_conv1d, iter_param_owners, join_path, param_dtype_ok
 
 __all__ = ["LinearCall", "linear_calls", "find_sites"]
@@ -167,6 +168,11 @@ def _quantized_site(path: str, owner: nn.Linear) -> Site:
                 quantization=quantization(owner))
 
 
+def _adapted_slices(owner: nn.Module) -> dict[str, str]:
+    state = owner_state(owner)
+    return {} if state is None else {b.site: getattr(owner, b.attr).method for b in state.bindings if b.rows}
+
+
 def _adapted_params(owner: nn.Module) -> dict[str, str]:
     state = owner_state(owner)
     return {} if state is None else {b.param: getattr(owner, b.attr).method for b in state.bindings}
@@ -210,7 +216,8 @@ def _known_bypasses(model: nn.Module) -> dict[str, str]:
     return out
 
 
-def find_sites(model: nn.Module, pattern: Pattern | Matcher = None, *, include_all: bool = False) -> SiteTable:
+def find_sites(model: nn.Module, pattern: Pattern | Matcher = None, *, include_all: bool = False,
+               slices: Slices | None = None) -> SiteTable:
     """Dry run: every linear-like site of ``model``, whether ``pattern`` matches it, and why not.
 
     Args:
@@ -219,6 +226,8 @@ def find_sites(model: nn.Module, pattern: Pattern | Matcher = None, *, include_a
             or None.
         include_all: Also print the untraceable owners that hold no linear-like (2-D floating)
             weight, such as norms (they are always in ``.untraceable``).
+        slices: Output-row blocks of fused projections as their own sites (``aurora_fx.slice_sites``), beside the
+            known layouts (``qkv``, ``c_attn``, ``qkv_proj``).
 
     Returns:
         A ``SiteTable``: ``Site`` records in module order, plus the parameter-owning modules
@@ -246,12 +255,14 @@ def find_sites(model: nn.Module, pattern: Pattern | Matcher = None, *, include_a
             sites.append(conv_site(path, owner, _adapted_params(owner).get("weight"), _original_type(owner)))
             continue
         try:
-            graph = owner_graph(owner)
+            graph = owner_graph(owner_state(owner).original if isinstance(owner, WrappedOwner) else owner)
         except TraceError as exc:
             untraceable.append(_untraceable(path, owner, exc))
             continue
         owner_sites, reads = _owner_sites(path, owner, graph)
         sites.extend(owner_sites)
+        if is_fused_layer(owner):
+            sites.extend(s for site in owner_sites for s in slice_sites(site, slices, _adapted_slices(owner)))
         for child in reads:
             bypassed.setdefault(child, f"its parent {path or '<root>'} reads {child}'s weight directly and never "
                                        f"calls it, so an adapter there would be silently bypassed")
@@ -267,5 +278,7 @@ def _untraceable(path: str, owner: nn.Module, exc: TraceError) -> Untraceable:
 
 def _finish(site: Site, bypassed: dict[str, str], matcher: Matcher, model: nn.Module) -> Site:
     owner = model.get_submodule(site.owner) if site.owner else model
-    site = replace(site, bypass=bypassed.get(site.path), matched=matcher(site.path, owner))
+    whole = site.path.partition("[")[0]
+    matched = matcher(site.path, owner) and (site.rows is None or not matcher(whole, owner))  # (slice_sites.py)
+    site = replace(site, bypass=bypassed.get(whole), matched=matched)
     return replace(site, reason=check(site))
