@@ -197,3 +197,72 @@ def test_an_aroma_conv_adapter_merges_pieces():
         aurora_fx.merge(merged)
         assert (merged(x) - expected).abs().max().item() <= 1e-5
     assert controller.ranks()["layer1.0.conv1"] == 2
+
+
+def _unet() -> nn.Module:
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    return diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=8, norm_num_groups=8).eval()
+
+
+UNET_PATTERN = r"to_[qkv]$|to_out\.0$|resnets\.\d+\.conv[12]$"
+
+
+def _unet_inputs() -> tuple:
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(2, 4, 8, 8, generator=gen), torch.tensor([1, 10]), torch.randn(2, 5, 16, generator=gen)
+
+
+def test_a_diffusers_unet_adapts_attention_linears_and_resnet_convs_end_to_end(tmp_path):
+    model = _unet()
+    kinds = {s.kind for s in aurora_fx.sites(model, UNET_PATTERN).matched}
+    assert kinds == {"linear", "conv"}
+    aurora_fx.apply(model, UNET_PATTERN, method="lora", rank=4, dropout=0.0)
+    sample, steps, context = _unet_inputs()
+    target = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    optimizer = torch.optim.AdamW(aurora_fx.trainable_parameters(model), lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(6):
+        loss = F.mse_loss(model(sample, steps, encoder_hidden_states=context).sample, target)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses
+    model.eval()
+    with torch.no_grad():
+        expected = model(sample, steps, encoder_hidden_states=context).sample
+    aurora_fx.save_adapters(model, tmp_path)
+    fresh = aurora_fx.load_adapters(_unet(), tmp_path)
+    with torch.no_grad():
+        assert torch.equal(fresh(sample, steps, encoder_hidden_states=context).sample, expected)
+        aurora_fx.merge(fresh)
+        assert (fresh(sample, steps, encoder_hidden_states=context).sample - expected).abs().max().item() <= 1e-5
+
+
+@pytest.mark.slow
+def test_a_unet_lora_folder_loads_in_peft_with_equal_outputs(tmp_path):
+    peft = pytest.importorskip("peft")
+    model = aurora_fx.apply(_unet(), UNET_PATTERN, method="lora", rank=4, dropout=0.0)
+    randomize_adapters(model, std=0.05)
+    sample, steps, context = _unet_inputs()
+    with torch.no_grad():
+        expected = model(sample, steps, encoder_hidden_states=context).sample
+    aurora_fx.export.to_peft(model, tmp_path)
+    loaded = peft.PeftModel.from_pretrained(_unet(), str(tmp_path)).eval()
+    with torch.no_grad():
+        assert (loaded(sample, steps, encoder_hidden_states=context).sample - expected).abs().max().item() <= 1e-5
+
+
+@pytest.mark.slow
+def test_a_unet_with_aurora_on_convs_and_attention_exports_to_onnx(tmp_path):
+    """(Also the output named like an input: the UNet takes ``sample`` and returns ``sample``.)"""
+    model = aurora_fx.apply(_unet(), UNET_PATTERN, method="aurora", dropout=0.0)
+    randomize_adapters(model, std=0.05)
+    result = aurora_fx.export.to_onnx(model, tmp_path / "unet.onnx", example_inputs=_unet_inputs(), dynamic=False)
+    assert max(result.max_abs_diff.values()) <= ORT_ATOL
+    assert "sample_out" in result.output_names

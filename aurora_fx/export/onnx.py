@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import io
 import os
 import re
@@ -106,14 +107,28 @@ def flatten_outputs(outputs: Any) -> list[torch.Tensor]:
     raise TypeError(f"cannot export outputs of type {type(outputs).__name__}; return tensors, tuples or a ModelOutput")
 
 
-def output_names(outputs: Any) -> list[str]:
-    """Names for the flattened outputs: ModelOutput keys, else ``output_<i>``."""
+def output_names(outputs: Any, taken: tuple[str, ...] = ()) -> list[str]:
+    """Names for the flattened outputs: ModelOutput keys, else ``output_<i>``.
+
+    ``_out`` is added to one that is also an input's name in ``taken`` (a diffusers UNet takes ``sample`` and
+    returns ``sample``; ONNX needs unique names).
+    """
+    names = None
     if hasattr(outputs, "keys") and hasattr(outputs, "to_tuple"):
         names = [k for k, v in outputs.items() if torch.is_tensor(v)]
-        if len(names) == len(flatten_outputs(outputs)):
-            return names
-    n = len(flatten_outputs(outputs))
-    return ["output"] if n == 1 else [f"output_{i}" for i in range(n)]
+        if len(names) != len(flatten_outputs(outputs)):
+            names = None
+    if names is None:
+        n = len(flatten_outputs(outputs))
+        names = ["output"] if n == 1 else [f"output_{i}" for i in range(n)]
+    return [f"{n}_out" if n in taken else n for n in names]
+
+
+def _input_names(model: nn.Module) -> tuple[str, ...]:
+    try:
+        return tuple(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return ()
 
 
 def _check_inputs(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
@@ -255,7 +270,7 @@ def to_onnx(
     if merge:
         merge_adapters(exported, lossy=lossy)
     outputs = _check_inputs(exported, args, kwargs)
-    names = output_names(outputs)
+    names = output_names(outputs, _input_names(exported))
     start = time.perf_counter()
     program = _export(exported, args, kwargs, dynamic, names)
     seconds = time.perf_counter() - start
