@@ -115,7 +115,8 @@ def _plan_owner(model: nn.Module, path: str, requests: list[SiteRequest], fuse: 
     state = owner_state(current)
     old = state.bindings if state is not None else ()
     site = requests[0].site
-    if site.kind in ("expert", "conv") or site.quantization is not None or site.rows is not None:
+    wrapped = site.kind in ("expert", "conv") or site.quantization is not None or site.rows is not None
+    if wrapped or isinstance(current, nn.MultiheadAttention):
         return OwnerPlan(path, build_wrapped_owner(current, adapters, old + bindings), bindings)
     graph = copy_graph(current.graph) if state is not None else owner_graph(current)
     gm = build_owner(current, graph, adapters, old + bindings)
@@ -139,8 +140,9 @@ def _new_adapters(current: nn.Module, requests: list[SiteRequest], dtype: torch.
     adapters, bindings = {}, []
     for request in requests:
         site = request.site
-        weight = current._parameters[site.param]
-        attr = adapter_attr(current, site.param if site.rows is None else site.path.rpartition("[")[2].rstrip("]"))
+        weight = current.get_parameter(site.param)
+        slot = site.param if site.rows is None else site.path.rpartition("[")[2].rstrip("]")
+        attr = adapter_attr(current, slot.replace(".weight", "").replace(".", "_"))
         stored = torch.float32 if site.quantization is not None else weight.dtype  # (a quantized base: float32)
         adapters[attr] = _build(request, weight, adapter_dtype(stored, dtype))
         bindings.append(Binding(site.path, site.param, attr, site.kind, site.layout, site.quantization, site.rows))

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from aurora_fx.conv_sites import conv_delta
 from aurora_fx.expert_routing import ExpertRouting
+from aurora_fx.mha_sites import RowRouting
 from aurora_fx.quantized import dequantized_weight, frozen_base_forward
 from aurora_fx.records import Layout, SiteKind, weight_out_in
 from aurora_fx.tracing import get_submodule, trace_own_forward
@@ -217,7 +218,9 @@ class WrappedOwner:
     * a convolution (``aurora_fx.conv_sites``): the convolution is the base, and the adapter runs on its input
       patches (``conv_sites.conv_delta``);
     * slices of a fused projection (``aurora_fx.slice_sites``): the layer is the base, and each slice's adapter adds
-      to its own output rows.
+      to its own output rows;
+    * an ``nn.MultiheadAttention`` (``aurora_fx.mha_sites``): its forward runs inside ``RowRouting``, which adds the
+      q/k/v and ``out_proj`` adapters where ``F.multi_head_attention_forward`` computes them.
 
     ``build_wrapped_owner`` makes an instance of a subclass of the module's own class (``AdaptedQwen3MoeExperts``,
     ``AdaptedLinear4bit``) holding the same members plus the adapters, so ``isinstance``, the class's methods and
@@ -233,6 +236,10 @@ class WrappedOwner:
             weights = [(self._parameters[b.param], self._modules[b.attr], b.site, b.layout == "in_out")
                        for b in bindings]
             with ExpertRouting(weights):
+                return super().forward(*args, **kwargs)
+        if isinstance(self, nn.MultiheadAttention):  # q/k/v rows of in_proj_weight and out_proj, where they compute
+            targets = [(self.get_parameter(b.param), b.rows, self._modules[b.attr]) for b in bindings]
+            with RowRouting(targets):
                 return super().forward(*args, **kwargs)
         x = args[0] if args else kwargs["input"]
         if bindings[0].rows is not None:  # slices of a fused projection: each adds to its own output rows
@@ -275,6 +282,7 @@ def build_wrapped_owner(current: nn.Module, adapters: dict[str, nn.Module], bind
     owner._modules = {**current._modules, **adapters}
     _copy_hooks(current, owner)
     owner.__dict__["meta"] = {_STATE_KEY: OwnerState(original=original, bindings=bindings)}
+    owner.train(current.training)  # the new adapters follow the layer's mode (their dropout is off in eval)
     return owner
 
 
@@ -319,7 +327,7 @@ def base_weight(gm: nn.Module, b: Binding) -> Tensor:
     A quantized base is dequantized into a transient copy.
     """
     if b.quantization is None:
-        weight = weight_out_in(gm._parameters[b.param], b.layout)
+        weight = weight_out_in(gm.get_parameter(b.param), b.layout)
         return weight if b.rows is None else weight[b.rows[0]:b.rows[1]]
     return dequantized_weight(gm)
 
@@ -328,7 +336,7 @@ def iter_units(model: nn.Module) -> list[AdapterUnit]:
     """Every adapter of ``model`` one by one, expert sites expanded to their experts, in module order."""
     units = []
     for path, gm, b in iter_bindings(model):
-        weight = weight_out_in(gm._parameters[b.param], b.layout)
+        weight = weight_out_in(gm.get_parameter(b.param), b.layout)
         weight = weight if b.rows is None else weight[b.rows[0]:b.rows[1]]
         quantized = gm if b.quantization is not None else None
         for e, (suffix, adapter) in enumerate(gm.get_submodule(b.attr).units()):

@@ -24,6 +24,7 @@ from torch import nn
 from aurora_fx.conv_sites import CONV_TYPES, conv_site
 from aurora_fx.expert_sites import expert_count, expert_sites
 from aurora_fx.fastpaths import GUARDED_READS
+from aurora_fx.mha_sites import mha_sites
 from aurora_fx.owners import WrappedOwner, owner_graph, owner_state
 from aurora_fx.passes.base import ADAPTER_TAG
 from aurora_fx.passes.check import check
@@ -168,6 +169,11 @@ def _quantized_site(path: str, owner: nn.Linear) -> Site:
                 quantization=quantization(owner))
 
 
+def _adapted_sites(owner: nn.Module) -> dict[str, str]:
+    state = owner_state(owner)
+    return {} if state is None else {b.site: getattr(owner, b.attr).method for b in state.bindings}
+
+
 def _adapted_slices(owner: nn.Module) -> dict[str, str]:
     state = owner_state(owner)
     return {} if state is None else {b.site: getattr(owner, b.attr).method for b in state.bindings if b.rows}
@@ -208,7 +214,7 @@ def _known_bypasses(model: nn.Module) -> dict[str, str]:
     """Children whose weights their parent's forward reads directly (it may never call them)."""
     out = {}
     for path, module in model.named_modules():
-        if owner_state(module) is not None:
+        if owner_state(module) is not None or isinstance(module, nn.MultiheadAttention):  # (MHA: mha_sites.py)
             continue
         for child in _children_read_in_forward(type(module)):
             if isinstance(module._modules.get(child), nn.Module):
@@ -244,7 +250,14 @@ def find_sites(model: nn.Module, pattern: Pattern | Matcher = None, *, include_a
     sites: list[Site] = []
     untraceable: list[Untraceable] = []
     bypassed = _known_bypasses(model)
+    claimed: set[str] = set()
     for path, owner in iter_param_owners(model):
+        if path in claimed:  # an MHA's out_proj: a site of the MHA itself
+            continue
+        if isinstance(owner, nn.MultiheadAttention):  # q/k/v/out computed inside F.multi_head_attention_forward
+            sites.extend(mha_sites(path, owner, _adapted_sites(owner), _original_type(owner)))
+            claimed.add(join_path(path, "out_proj"))
+            continue
         if expert_count(owner) is not None:  # a data-dependent forward: read from what it declares
             sites.extend(expert_sites(path, owner, _adapted_params(owner)))
             continue
@@ -266,7 +279,8 @@ def find_sites(model: nn.Module, pattern: Pattern | Matcher = None, *, include_a
         for child in reads:
             bypassed.setdefault(child, f"its parent {path or '<root>'} reads {child}'s weight directly and never "
                                        f"calls it, so an adapter there would be silently bypassed")
-    sites = [_finish(s, bypassed, matcher, model) for s in sites]
+    wholes = {s.path for s in sites if s.rows is None}
+    sites = [_finish(s, bypassed, matcher, model, wholes) for s in sites]
     return SiteTable(tuple(sites), tuple(untraceable), matcher.text, include_all)
 
 
@@ -276,9 +290,10 @@ def _untraceable(path: str, owner: nn.Module, exc: TraceError) -> Untraceable:
     return Untraceable(path, type(owner).__name__, tuple(own), str(exc), linear_like)
 
 
-def _finish(site: Site, bypassed: dict[str, str], matcher: Matcher, model: nn.Module) -> Site:
+def _finish(site: Site, bypassed: dict[str, str], matcher: Matcher, model: nn.Module, wholes: set[str]) -> Site:
     owner = model.get_submodule(site.owner) if site.owner else model
     whole = site.path.partition("[")[0]
-    matched = matcher(site.path, owner) and (site.rows is None or not matcher(whole, owner))  # (slice_sites.py)
+    whole_matched = site.rows is not None and whole in wholes and matcher(whole, owner)  # (slice_sites.py)
+    matched = matcher(site.path, owner) and not whole_matched
     site = replace(site, bypass=bypassed.get(whole), matched=matched)
     return replace(site, reason=check(site))

@@ -241,4 +241,17 @@ MUTANTS: list[Mutant] = [
     Mutant("quantized-adapter-skipped", "aurora_fx/owners.py",
            "        return self._modules[bindings[0].attr].add_to(base, x)", "        return base", QUANT,
            "a quantized site's adapter never added"),
+    # -- convolution, slice and MHA sites (issue 31)
+    Mutant("wrapped-owner-train-mode", "aurora_fx/owners.py",
+           "    owner.train(current.training)  # the new adapters follow the layer's mode (their dropout is off in eval)\n",
+           "", ("tests/test_mha_sites.py",), "adapters attached to an eval model keep their dropout on"),
+    Mutant("conv-code-stride", "aurora_fx/conv_sites.py", "None, conv.stride,", "None, 1,", ("tests/test_conv_sites.py",),
+           "the adapter's convolution ignores the layer's stride"),
+    Mutant("slice-rows-shifted", "aurora_fx/owners.py",
+           "                out = out + F.pad(delta, (b.rows[0], out.shape[-1] - b.rows[1]))",
+           "                out = out + F.pad(delta, (0, out.shape[-1] - b.rows[1] + b.rows[0]))",
+           ("tests/test_slice_sites.py",), "every slice's update lands on the q rows"),
+    Mutant("mha-out-adapter-dropped", "aurora_fx/mha_sites.py",
+           "        return (out + out_adapter(attn).to(out.dtype) if out_adapter is not None else out), weights",
+           "        return out, weights", ("tests/test_mha_sites.py",), "the MHA's out_proj adapter never added"),
 ]
