@@ -28,6 +28,15 @@ from aurora_fx.render import render_map
 from tests.models import CASES
 
 
+class ReadsChild(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.proj.weight)  # bypasses proj.forward
+
+
 def small() -> nn.Module:
     """The same base weights every time (loads check the base they were saved from)."""
     with torch.random.fork_rng():
@@ -137,8 +146,8 @@ CASES_ERR = [
          r"on the meta device.*load real weights first"),
     Case("mixed-devices", lambda t: aurora_fx.apply(mixed_devices(), r"^0$"), ValueError,
          r"0 has parameters on several devices \(cpu, meta\); move the module to one device"),
-    Case("bypassed-site", lambda t: aurora_fx.apply(nn.TransformerEncoderLayer(8, 2, 16), "out_proj"), ValueError,
-         r"never calls out_proj, so an adapter there would be silently bypassed"),
+    Case("bypassed-site", lambda t: aurora_fx.apply(nn.Sequential(ReadsChild()), "proj"), ValueError,
+         r"reads proj.weight directly, so an adapter on proj could be silently bypassed"),
     Case("untraceable-site", lambda t: aurora_fx.apply(nn.Sequential(ModeDependent()), r"0\.w"), ValueError,
          r"reaches 0 \(ModeDependent\), whose own forward torch\.fx cannot trace alone.*Make that forward traceable"),
     Case("trainable-modules-nothing", lambda t: aurora_fx.apply(small(), "0", trainable_modules="head"), ValueError,

@@ -80,13 +80,22 @@ def test_applying_twice_to_a_site_is_refused():
 
 
 def test_a_failed_apply_leaves_the_model_unchanged():
-    layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+    layer = nn.Sequential(nn.Linear(8, 8), ReadsChildWeight())
     before = {n: type(m) for n, m in layer.named_modules()}
     flags = {n: p.requires_grad for n, p in layer.named_parameters()}
-    with pytest.raises(ValueError, match="never calls out_proj"):
-        aurora_fx.apply(layer, "linear1|out_proj")  # linear1 fine, out_proj not: nothing happens
+    with pytest.raises(ValueError, match="reads proj.weight directly"):
+        aurora_fx.apply(layer, "0|proj")  # 0 fine, proj not: nothing happens
     assert {n: type(m) for n, m in layer.named_modules()} == before
     assert {n: p.requires_grad for n, p in layer.named_parameters()} == flags
+
+
+class ReadsChildWeight(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.proj.weight)  # bypasses proj.forward
 
 
 def test_base_is_frozen_and_trainable_modules_train():

@@ -78,11 +78,14 @@ def test_invalid_regex_names_it():
         compile_pattern("attn[")
 
 
-def test_multihead_attention_out_proj_is_rejected_with_a_reason():
+def test_multihead_attention_sites_belong_to_the_attention_module():
+    """``out_proj`` is never called by its parent: it is a site of the MHA (mha_sites.py), not of the Linear."""
     layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
-    table = find_sites(layer, "out_proj")
-    assert "never calls out_proj" in table.matched[0].reason
-    assert [u.path for u in table.untraceable] == ["self_attn"]
+    table = find_sites(layer, "out_proj|in_proj")
+    assert [(s.path, s.owner, s.reason) for s in table.matched] == [
+        ("self_attn.in_proj_weight[q]", "self_attn", None), ("self_attn.in_proj_weight[k]", "self_attn", None),
+        ("self_attn.in_proj_weight[v]", "self_attn", None), ("self_attn.out_proj", "self_attn", None)]
+    assert table.untraceable == ()
 
 
 class ReadsChildWeight(nn.Module):
