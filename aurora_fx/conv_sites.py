@@ -5,7 +5,7 @@ A convolution with weight ``(C_out, C_in, k…)`` computes ``W_flat · patch(x)`
 ``conv`` (``records.weight_out_in`` flattens the kernel). The adapter is an ordinary one of that shape (LoRA,
 AuroRA, AROMA: its merge, checkpoint and export code unchanged), applied to every patch:
 
-* **code path** (LoRA, AuroRA: methods with ``AdapterBase.code_delta``): ``z = conv(drop(x), A)`` with A reshaped to
+* **code path** (LoRA, AuroRA: methods with ``AdapterBase.code_inner``): ``z = conv(drop(x), A)`` with A reshaped to
   ``(r, C_in, k…)`` and the module's own stride, padding and dilation (PEFT's factorisation: A is a convolution
   with r output channels), then the rest of the adapter per position in the r-channel space (LoRA ``s·B·z``, AuroRA
   ``s·B·σ(z)``: B is a 1×1 convolution);
@@ -68,10 +68,12 @@ def conv_delta(adapter: nn.Module, x: Tensor, conv: nn.Module) -> Tensor:
     """``Δ(x)`` of a convolution site: ``(N, C_out, L…)`` like the convolution's output (module docstring)."""
     dims = conv.weight.dim() - 2
     if adapter.has_code_delta:
-        a = adapter.A
-        z = _CONV_FN[dims](adapter._input(x, a), a.view(a.shape[0], *conv.weight.shape[1:]), None, conv.stride,
-                           conv.padding, conv.dilation)
-        return adapter.code_delta(z.movedim(1, -1)).movedim(-1, 1)
+        a, conv_fn = adapter.A, _CONV_FN[dims]
+        z = conv_fn(adapter._input(x, a), a.view(a.shape[0], *conv.weight.shape[1:]), None, conv.stride, conv.padding,
+                    conv.dilation)
+        inner = adapter.code_inner(z.movedim(1, -1)).movedim(-1, 1)  # (r channels: small)
+        b = adapter.B * adapter.scale
+        return conv_fn(inner, b.view(*b.shape, *(1,) * dims))  # B as a pointwise convolution, channels first
     return _patch_delta(adapter, x, conv, dims)
 
 

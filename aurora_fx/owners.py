@@ -249,9 +249,8 @@ class WrappedOwner:
                 out = out + F.pad(delta, (b.rows[0], out.shape[-1] - b.rows[1]))
             return out
         adapter = self._modules[bindings[0].attr]
-        if bindings[0].kind == "conv":
-            out = super().forward(*args, **kwargs)
-            return out + conv_delta(adapter, x, self).to(out.dtype)
+        if bindings[0].kind == "conv":  # (the convolution keeps only its input for backward: add in place)
+            return super().forward(*args, **kwargs).add_(conv_delta(adapter, x, self))
         base = frozen_base_forward(self, super().forward, x)  # (no float copy of the weight kept for backward)
         return adapter.add_to(base, x)
 

@@ -65,10 +65,9 @@ class AuroraAdapter(AdapterBase):
         x = self._input(x, self.A)
         return AF.aurora_delta(x, self.A, self.B, self.H, self.Ws, self.knots, self.scale, self.order)
 
-    def code_delta(self, z: Tensor) -> Tensor:
-        """``s·B·σ(z)`` for the code ``z = A·drop(x)`` (convolution sites)."""
-        sigma = AF.anl(z, self.H, self.Ws, self.knots, self.order)
-        return torch.nn.functional.linear(sigma, self.B) * self.scale
+    def code_inner(self, z: Tensor) -> Tensor:
+        """AuroRA's ``g`` is the ANL: ``Δ = s·B·σ(z)`` (convolution sites)."""
+        return AF.anl(z, self.H, self.Ws, self.knots, self.order)
 
     def fusion(self) -> Fusion | str:
         """``ops.aurora_delta(base, x, A, B, H, Ws, s, lo, h)`` for cubic splines (CPU op, or Triton on CUDA)."""

@@ -77,7 +77,7 @@ class AdapterBase(nn.Module):
 
     config_class: ClassVar[type[AdapterConfig]] = AdapterConfig
     reads_base_weight: ClassVar[bool] = False
-    has_code_delta: ClassVar[bool] = False  # code_delta(z) is implemented (convolution sites use it)
+    has_code_delta: ClassVar[bool] = False  # Δ = scale·B·code_inner(A·x) (convolution sites use it)
     variable_width: ClassVar[dict[str, int]] = {}
 
     def __init__(self, in_features: int, out_features: int, config: AdapterConfig) -> None:
@@ -160,12 +160,12 @@ class AdapterBase(nn.Module):
         """``Δ(x)`` from ``aurora_fx.functional`` only, without dropout (the test reference)."""
         raise NotImplementedError(f"{type(self).__name__} must implement oracle_delta")
 
-    def code_delta(self, z: Tensor) -> Tensor:
-        """``Δ`` from the code ``z = A·drop(x)`` (``(..., r)``), for methods with ``has_code_delta``.
+    def code_inner(self, z: Tensor) -> Tensor:
+        """``g(z)`` of a method whose ``Δ(x) = scale·B·g(A·drop(x))`` (``has_code_delta``); ``z`` is ``(..., r)``.
 
-        Convolution sites compute ``z`` as a convolution and the rest per position (``conv_sites.py``).
+        Convolution sites compute ``z`` as a convolution, ``g`` per position and ``B`` as a 1×1 one (``conv_sites.py``).
         """
-        raise NotImplementedError(f"{type(self).__name__} has no code_delta (has_code_delta is False)")
+        raise NotImplementedError(f"{type(self).__name__} has no code_inner (has_code_delta is False)")
 
     def add_to(self, base: Tensor, x: Tensor) -> Tensor:
         """``base + Δ(x)`` in ``base``'s dtype: how a wrapped owner (a quantized linear) adds the adapter."""

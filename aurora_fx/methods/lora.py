@@ -39,9 +39,9 @@ class LoraAdapter(AdapterBase):
         """The LoRA delta ``s·B·A·drop(x)``."""
         return AF.lora_delta(self._input(x, self.A), self.A, self.B, self.scale)
 
-    def code_delta(self, z: Tensor) -> Tensor:
-        """``s·B·z`` for the code ``z = A·drop(x)`` (convolution sites)."""
-        return torch.nn.functional.linear(z, self.B) * self.scale
+    def code_inner(self, z: Tensor) -> Tensor:
+        """LoRA's ``g`` is the identity: ``Δ = s·B·z`` (convolution sites)."""
+        return z
 
     def fusion(self) -> Fusion:
         """``ops.lora_delta(base, x, A, B, s)``."""
