@@ -266,3 +266,65 @@ def test_a_unet_with_aurora_on_convs_and_attention_exports_to_onnx(tmp_path):
     result = aurora_fx.export.to_onnx(model, tmp_path / "unet.onnx", example_inputs=_unet_inputs(), dynamic=False)
     assert max(result.max_abs_diff.values()) <= ORT_ATOL
     assert "sample_out" in result.output_names
+
+
+def _convnext(method: str) -> nn.Module:
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("convnext_atto", pretrained=False, num_classes=3).eval()
+    aurora_fx.apply(model, r"stem\.0|downsample\.1", method=method, rank=RANKS[method], dropout=0.0)
+    randomize_adapters(model, std=0.05)
+    return model
+
+
+def _unet_adapted(method: str) -> nn.Module:
+    model = aurora_fx.apply(_unet(), UNET_PATTERN, method=method, rank=RANKS[method], dropout=0.0)
+    randomize_adapters(model, std=0.05)
+    return model
+
+
+LIVE = {"convnext_atto": (_convnext, lambda: (torch.randn(1, 3, 32, 32),)),
+        "unet": (_unet_adapted, _unet_inputs)}
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("name", list(LIVE))
+def test_every_adapter_tensor_is_live_in_convnext_and_the_unet(name, method):
+    build, inputs = LIVE[name]
+    model, args = build(method), inputs()
+
+    def out():
+        result = model(*args)
+        return result.sample if hasattr(result, "sample") else result
+
+    with torch.no_grad():
+        reference = out()
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert named
+    for param_name, p in named:
+        saved = p.detach().clone()
+        with torch.no_grad():
+            p.add_(torch.randn_like(p))
+            moved = (out() - reference).abs().max().item()
+            p.copy_(saved)
+        assert moved > 1e-6, f"{param_name} does not reach the output ({name}, {method})"
+
+
+@pytest.mark.slow
+def test_convnext_save_load_merge_and_onnx(tmp_path):
+    timm = pytest.importorskip("timm")
+    model = _convnext("lora")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    aurora_fx.save_adapters(model, tmp_path)
+    torch.manual_seed(0)
+    fresh = timm.create_model("convnext_atto", pretrained=False, num_classes=3).eval()
+    aurora_fx.load_adapters(fresh, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), expected)
+    result = aurora_fx.export.to_onnx(fresh, tmp_path / "c.onnx", example_inputs=(x,))
+    assert max(result.max_abs_diff.values()) <= ORT_ATOL
+    with torch.no_grad():
+        aurora_fx.merge(fresh)
+        assert (fresh(x) - expected).abs().max().item() <= 1e-5
