@@ -229,3 +229,38 @@ def gpt_oss() -> nn.Module:
 
 
 MOE_BUILDERS = {"qwen3_moe": qwen3_moe, "mixtral": mixtral, "gpt_oss": gpt_oss}
+
+
+def assert_every_trainable_tensor_is_live(model: nn.Module, output: Callable[[], torch.Tensor], what: str = "",
+                                          expected: int | None = None) -> None:
+    """Perturbing any single trainable tensor of ``model`` moves ``output()`` (the liveness check of the site kinds).
+
+    ``expected``: how many trainable tensors there must be (None: any number above zero).
+    """
+    with torch.no_grad():
+        reference = output()
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert named and (expected is None or len(named) == expected), (len(named), expected)
+    for name, p in named:
+        saved = p.detach().clone()
+        with torch.no_grad():
+            p.add_(torch.randn_like(p))
+            moved = (output() - reference).abs().max().item()
+            p.copy_(saved)
+        assert moved > 1e-6, f"{name} does not reach the output {what}"
+
+
+def train_steps(model: nn.Module, loss: Callable[[], torch.Tensor], steps: int, lr: float) -> list[float]:
+    """``steps`` AdamW steps on ``loss()`` over the trainable parameters, in train mode; the losses."""
+    import aurora_fx
+
+    optimizer = torch.optim.AdamW(aurora_fx.trainable_parameters(model), lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        value = loss()
+        value.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(value.item())
+    return losses

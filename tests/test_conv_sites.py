@@ -17,7 +17,7 @@ from torch import nn
 import aurora_fx
 from aurora_fx.owners import WrappedOwner, owner_state
 from tests.conftest import ORT_ATOL
-from tests.models import randomize_adapters
+from tests.models import assert_every_trainable_tensor_is_live, randomize_adapters, train_steps
 
 METHODS = ("lora", "aurora", "aroma")
 RANKS = {"lora": 2, "aurora": 2, "aroma": 1}
@@ -99,19 +99,10 @@ def _live_blocks(model: nn.Module) -> nn.Module:
 
 @pytest.mark.parametrize("method", METHODS)
 def test_every_conv_adapter_tensor_reaches_the_output(method):
-    model = _resnet(method)
+    model = _resnet(method, head=False)
     x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        reference = model(x)
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and "adapter" in n]
-    assert len(named) == 6 * {"aurora": 4, "lora": 2, "aroma": 2}[method]  # conv1, layer1.0.conv1/2, 3 downsamples
-    for name, p in named:
-        saved = p.detach().clone()
-        with torch.no_grad():
-            p.add_(torch.randn_like(p))
-            moved = (model(x) - reference).abs().max().item()
-            p.copy_(saved)
-        assert moved > 1e-6, f"{name} does not reach the output ({method})"
+    per_site = {"aurora": 4, "lora": 2, "aroma": 2}[method]  # 6 sites: conv1, layer1.0.conv1/2, 3 downsamples
+    assert_every_trainable_tensor_is_live(model, lambda: model(x), f"({method})", expected=6 * per_site)
 
 
 @pytest.mark.parametrize("name", ("resnet18", "convnext_atto"))
@@ -122,17 +113,9 @@ def test_a_few_steps_lower_the_loss(name, method):
     model = timm.create_model(name, pretrained=False, num_classes=4)
     pattern = r"conv|downsample\.0" if name == "resnet18" else r"stem\.0|downsample\.1"  # convnext: its k×k convs
     aurora_fx.apply(model, pattern, method=method, rank=4, dropout=0.05, trainable_modules=r"^(fc|head\.fc)$")
-    optimizer = torch.optim.AdamW(aurora_fx.trainable_parameters(model), lr=3e-3)
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(8, 3, 32, 32, generator=gen), torch.randint(0, 4, (8,), generator=gen)
-    model.train()
-    losses = []
-    for _ in range(8):
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(model, lambda: F.cross_entropy(model(x), y), steps=8, lr=3e-3)
     assert losses[-1] < losses[0] - 0.1, losses
 
 
@@ -223,15 +206,8 @@ def test_a_diffusers_unet_adapts_attention_linears_and_resnet_convs_end_to_end(t
     aurora_fx.apply(model, UNET_PATTERN, method="lora", rank=4, dropout=0.0)
     sample, steps, context = _unet_inputs()
     target = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
-    optimizer = torch.optim.AdamW(aurora_fx.trainable_parameters(model), lr=1e-2)
-    model.train()
-    losses = []
-    for _ in range(6):
-        loss = F.mse_loss(model(sample, steps, encoder_hidden_states=context).sample, target)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(model, lambda: F.mse_loss(model(sample, steps, encoder_hidden_states=context).sample, target),
+                         steps=6, lr=1e-2)
     assert losses[-1] < losses[0], losses
     model.eval()
     with torch.no_grad():
@@ -297,17 +273,7 @@ def test_every_adapter_tensor_is_live_in_convnext_and_the_unet(name, method):
         result = model(*args)
         return result.sample if hasattr(result, "sample") else result
 
-    with torch.no_grad():
-        reference = out()
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    assert named
-    for param_name, p in named:
-        saved = p.detach().clone()
-        with torch.no_grad():
-            p.add_(torch.randn_like(p))
-            moved = (out() - reference).abs().max().item()
-            p.copy_(saved)
-        assert moved > 1e-6, f"{param_name} does not reach the output ({name}, {method})"
+    assert_every_trainable_tensor_is_live(model, out, f"({name}, {method})")
 
 
 @pytest.mark.slow

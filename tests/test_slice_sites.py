@@ -17,7 +17,7 @@ from torch import nn
 import aurora_fx
 from aurora_fx.owners import WrappedOwner, owner_state
 from tests.conftest import ORT_ATOL
-from tests.models import randomize_adapters
+from tests.models import assert_every_trainable_tensor_is_live, randomize_adapters, train_steps
 
 METHODS = ("lora", "aurora", "aroma")
 RANKS = {"lora": 2, "aurora": 2, "aroma": 1}
@@ -105,35 +105,22 @@ def test_user_slices_on_any_linear_and_a_bad_one_refused():
 def test_every_slice_tensor_reaches_the_output(name, method):
     model = _adapted(name, method)
     inputs = _inputs(name)
-    with torch.no_grad():
-        reference = _out(name, model, inputs)
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    assert len(named) == 2 * 2 * {"aurora": 4, "lora": 2, "aroma": 2}[method]  # 2 layers × q, v
-    for param_name, p in named:
-        saved = p.detach().clone()
-        with torch.no_grad():
-            p.add_(torch.randn_like(p))
-            moved = (_out(name, model, inputs) - reference).abs().max().item()
-            p.copy_(saved)
-        assert moved > 1e-6, f"{param_name} does not reach the output ({name}, {method})"
+    expected = 2 * 2 * {"aurora": 4, "lora": 2, "aroma": 2}[method]  # 2 layers × q, v
+    assert_every_trainable_tensor_is_live(model, lambda: _out(name, model, inputs), f"({name}, {method})",
+                                          expected=expected)
 
 
 @pytest.mark.parametrize("name", list(BUILD))
 def test_a_few_steps_lower_the_loss(name):
     model = aurora_fx.apply(BUILD[name](), QV, method="aurora", dropout=0.05)
-    optimizer = torch.optim.AdamW(aurora_fx.trainable_parameters(model), lr=1e-2)
     inputs = _inputs(name)
-    model.train()
-    losses = []
-    for _ in range(8):
+
+    def loss():
         if name == "vit":
-            loss = F.cross_entropy(model(**inputs), torch.tensor([0, 2]))
-        else:
-            loss = model(**inputs, labels=inputs["input_ids"]).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+            return F.cross_entropy(model(**inputs), torch.tensor([0, 2]))
+        return model(**inputs, labels=inputs["input_ids"]).loss
+
+    losses = train_steps(model, loss, steps=8, lr=1e-2)
     assert losses[-1] < losses[0] - 0.05, losses
 
 
