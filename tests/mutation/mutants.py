@@ -239,7 +239,7 @@ MUTANTS: list[Mutant] = [
            "        if site is not None and site.quantization != entry.quantization:",
            "        if False:", QUANT, "a checkpoint loads onto a base quantized another way without a word"),
     Mutant("quantized-adapter-skipped", "aurora_fx/owners.py",
-           "        return self._modules[bindings[0].attr].add_to(base, x)", "        return base", QUANT,
+           "        return adapter.add_to(base, x)", "        return base", QUANT,
            "a quantized site's adapter never added"),
     # -- convolution, slice and MHA sites (issue 31)
     Mutant("wrapped-owner-train-mode", "aurora_fx/owners.py",
