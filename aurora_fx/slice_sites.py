@@ -26,8 +26,9 @@ from dataclasses import replace
 from torch import nn
 
 from aurora_fx.records import Site
+from aurora_fx.tracing import hf_conv1d
 
-__all__ = ["Slices", "KNOWN_FUSED", "layer_slices", "slice_sites"]
+__all__ = ["Slices", "KNOWN_FUSED", "layer_slices", "slice_sites", "is_fused_layer"]
 
 Slices = dict[str, dict[str, tuple[int, int]]]
 """Layer name or path → slice name → output rows ``(start, stop)``."""
@@ -63,7 +64,5 @@ def slice_sites(site: Site, slices: Slices | None, adapted: dict[str, str]) -> l
 
 def is_fused_layer(module: nn.Module) -> bool:
     """Whether ``module`` can carry slice adapters (an ``nn.Linear`` or HF ``Conv1D``)."""
-    from aurora_fx.tracing import hf_conv1d
-
     conv1d = hf_conv1d()
     return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import interleaved, median, paired_ratio, table, write_json  # noqa: E402
+from common import interleaved, median, paired_ratio, status_kib, table, write_json  # noqa: E402
 
 import aurora_fx  # noqa: E402
 from aurora_fx import functional as AF  # noqa: E402
@@ -190,12 +190,6 @@ def saved_activation_bytes(model, inputs: dict) -> int:
     return sum(b for ptr, b in storages.items() if ptr not in params)
 
 
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
-
 
 def rss_child(variant: str) -> None:
     """Run in a fresh process: peak RSS during 5 training steps of one variant.
@@ -208,10 +202,10 @@ def rss_child(variant: str) -> None:
     model, optimizer = build(variant)
     train_step(model, optimizer, inputs)  # optimizer state allocated
     Path("/proc/self/clear_refs").write_text("5")
-    start = _status_kib("VmRSS")
+    start = status_kib("VmRSS")
     for _ in range(5):
         train_step(model, optimizer, inputs)
-    peak = _status_kib("VmHWM")
+    peak = status_kib("VmHWM")
     print(json.dumps({"peak_rss_mib": peak / 1024, "rss_at_start_mib": start / 1024,
                       "rise_mib": (peak - start) / 1024}))
 

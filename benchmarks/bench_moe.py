@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import interleaved, median, paired_ratio, table, write_json  # noqa: E402
+from common import interleaved, median, paired_ratio, status_kib, table, write_json  # noqa: E402
 
 import aurora_fx  # noqa: E402
 
@@ -108,16 +108,10 @@ def rss_child(experts: int, variant: str, quick: bool) -> None:
     for _ in range(2):
         step(module, x, grad)
     Path("/proc/self/clear_refs").write_text("5")
-    start = _status_kib("VmRSS")
+    start = status_kib("VmRSS")
     step(module, x, grad)
-    print(json.dumps({"rise_mib": (_status_kib("VmHWM") - start) / 1024}))
+    print(json.dumps({"rise_mib": (status_kib("VmHWM") - start) / 1024}))
 
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
 
 
 def peak_rise(experts: int, variant: str, quick: bool, runs: int = 3) -> float:

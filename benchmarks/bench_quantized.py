@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import table, write_json  # noqa: E402
+from common import status_kib, table, write_json  # noqa: E402
 
 import aurora_fx  # noqa: E402
 from aurora_fx.quantized import quantize_linears  # noqa: E402
@@ -91,12 +91,6 @@ def interleaved(shape: dict, steps: int) -> dict:
             "losses": losses, "final_loss": {v: run[-1] for v, run in losses.items()}}
 
 
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
-
 
 def rss_child(variant: str, quick: bool, steps: int) -> None:
     """In a fresh process: the peak RSS while training one variant, above the RSS after imports.
@@ -108,7 +102,7 @@ def rss_child(variant: str, quick: bool, steps: int) -> None:
     import bitsandbytes  # noqa: F401  (every variant imports the same before the baseline)
     import transformers  # noqa: F401
 
-    start = _status_kib("VmRSS")
+    start = status_kib("VmRSS")
     base, method = variant.split("/")
     shape = QUICK if quick else FULL
     model, optimizer = build(base, method, shape)
@@ -116,7 +110,7 @@ def rss_child(variant: str, quick: bool, steps: int) -> None:
     Path("/proc/self/clear_refs").write_text("5")  # the peak from here on: the model in place, then training
     for _ in range(steps):
         step(model, optimizer, ids)
-    print(json.dumps({"rise_mib": (_status_kib("VmHWM") - start) / 1024, "after_imports_mib": start / 1024}))
+    print(json.dumps({"rise_mib": (status_kib("VmHWM") - start) / 1024, "after_imports_mib": start / 1024}))
 
 
 def peak_rss(variant: str, quick: bool, steps: int) -> dict:

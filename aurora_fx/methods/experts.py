@@ -119,15 +119,6 @@ class ExpertAdapters(AdapterBase):
         """Whether every expert's update is exactly LoRA."""
         return self.experts[0].lora_exact
 
-    def oracle_rows(self, x: Tensor, ids: Tensor) -> Tensor:
-        """``Δ_{ids[i]}(x[i])`` for every row from each expert's functional oracle (a loop; the test reference)."""
-        out = x.new_zeros(x.shape[0], self.out_features)
-        for e, a in enumerate(self.experts):
-            rows = (ids == e).nonzero().flatten()
-            if rows.numel():
-                out[rows] = a.oracle_delta(x[rows]).to(out.dtype)
-        return out
-
     # -- the three ways an experts forward computes ---------------------------------------------
     # Each adds into the base output in place: the base ops (linear, bmm, grouped mm) do not keep their
     # output for backward, and no (S, d_out) delta for all rows at once is ever held.
