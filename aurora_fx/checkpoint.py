@@ -233,7 +233,7 @@ def load_checkpoint(model: nn.Module, ckpt: Checkpoint, *, fuse: bool = True, ch
     requests = _requests(model, ckpt)
     require(requests, CheckpointError, f"checkpoint {str(ckpt.path)!r}:")
     if check_base:
-        _check_base(model, ckpt)
+        _check_base(model, ckpt, {r.site.path: r.site for r in requests})
     modules = {k[len("modules/"):]: v for k, v in ckpt.tensors.items() if k.startswith("modules/")}
     values = load_module_tensors(model, modules, "checkpoint tensor modules/")
     trainable = resolve_trainable(model, [f"^{re.escape(m)}$" for m in ckpt.trainable_modules] or None)
@@ -242,14 +242,13 @@ def load_checkpoint(model: nn.Module, ckpt: Checkpoint, *, fuse: bool = True, ch
     return model
 
 
-def _check_base(model: nn.Module, ckpt: Checkpoint) -> None:
+def _check_base(model: nn.Module, ckpt: Checkpoint, sites: dict[str, Site]) -> None:
     """The model is of the saved class and every adapted weight matches its saved fingerprint."""
     override = "pass check_base=False to load anyway"
     name = model_class(model).__name__
     if ckpt.model_class and ckpt.model_class != name:
         raise CheckpointError(f"checkpoint {str(ckpt.path)!r} was saved from a {ckpt.model_class}, but this model "
                               f"is a {name}; load it onto the base it was trained on, or {override}")
-    sites = {s.path: s for s in find_sites(model, lambda p, m: p in {e.path for e in ckpt.sites}, slices=_slices(ckpt))}
     for entry in ckpt.sites:
         site = sites.get(entry.path)
         if site is not None and site.quantization != entry.quantization:

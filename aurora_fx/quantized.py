@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["quantization", "dequantized_weight", "quantize_linears", "frozen_base_forward", "SCHEMES"]
+__all__ = ["quantization", "dequantized_weight", "float_linear", "quantize_linears", "frozen_base_forward", "SCHEMES"]
 
 SCHEMES = ("bnb-nf4", "bnb-fp4", "bnb-int8", "torchao-int8", "torchao-int4")
 
@@ -64,6 +64,17 @@ def dequantized_weight(module: nn.Module) -> Tensor:
             scale = weight.SCB if weight.SCB is not None else module.state.SCB
             return weight.data.float() * scale.float()[:, None] / 127.0
         return weight.dequantize().float()
+
+
+def float_linear(layer: nn.Module, delta: Tensor | None = None) -> nn.Linear:
+    """A float32 ``nn.Linear`` holding ``dequant(W)`` (``+ delta``, a ``(d_out, d_in)`` update) and the bias."""
+    weight = dequantized_weight(layer)
+    out = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device=weight.device)
+    with torch.no_grad():
+        out.weight.copy_(weight if delta is None else weight + delta.to(weight))
+        if layer.bias is not None:
+            out.bias.copy_(layer.bias.float())
+    return out
 
 
 def _dequantize_bnb4(weight: Tensor) -> Tensor:

@@ -23,6 +23,7 @@ from aurora_fx.passes.check import select_requests
 from aurora_fx.passes.match import find_sites
 from aurora_fx.passes.pattern import Pattern, compile_pattern
 from aurora_fx.peft_config import as_aurora_config, is_peft_lora_config, peft_selection, refuse_peft_model
+from aurora_fx.quantized import dequantized_weight, float_linear
 from aurora_fx.registry import make_config
 from aurora_fx.slice_sites import Slices
 
@@ -169,14 +170,9 @@ def _refuse_quantized(model: nn.Module, dequantize: bool) -> None:
 
 def _replace_with_float(model: nn.Module, owner: str, gm: nn.Module, delta: torch.Tensor) -> None:
     """Swap the quantized layer for an ``nn.Linear`` with ``dequant(W) + ΔW`` (float32), logging the change."""
-    from aurora_fx.quantized import dequantized_weight
-
-    base = dequantized_weight(gm)
-    merged = nn.Linear(gm.in_features, gm.out_features, bias=gm.bias is not None, device=base.device)
-    merged.weight.copy_(base + delta.to(base))
-    if gm.bias is not None:
-        merged.bias.copy_(gm.bias.float())
-    error = (merged.weight.double() - (base.double() + delta.double())).abs().max().item()
+    merged = float_linear(gm, delta)
+    exact = dequantized_weight(gm).double() + delta.double()
+    error = (merged.weight.double() - exact).abs().max().item()
     logger.warning("merged the quantized %s into a float32 nn.Linear: dequant(W) + ΔW stored with a largest error of "
                    "%.3g (float32 rounding); the layer is no longer quantized", owner, error)
     swap_module(model, owner, merged)

@@ -44,7 +44,7 @@ from aurora_fx.export.translation import (
 from aurora_fx.owners import iter_bindings, swap_module
 from aurora_fx.passes.fuse import FUSED_LORA_OP, FUSED_OP
 from aurora_fx.passes.match import find_sites
-from aurora_fx.quantized import dequantized_weight, quantization
+from aurora_fx.quantized import float_linear, quantization
 from aurora_fx.records import SiteRequest
 from aurora_fx.surgery import merge as merge_adapters
 from aurora_fx.tracing import get_submodule
@@ -320,7 +320,7 @@ def float_bases(model: nn.Module) -> tuple[str, ...]:
     adapters = {b.site: gm.get_submodule(b.attr) for gm, b in adapted.values()}
     kinds = sorted({quantization(m) for path, m in model.named_modules() if path in adapted or path in plain})
     for path in [*adapted, *plain]:
-        swap_module(model, path, _float_linear(get_submodule(model, path)))
+        swap_module(model, path, float_linear(get_submodule(model, path)))
     if not kinds:
         return ()
     if adapters:
@@ -328,15 +328,6 @@ def float_bases(model: nn.Module) -> tuple[str, ...]:
         attach(model, [SiteRequest(s, adapters[s.path].config) for s in table.matched], _copy_from(adapters))
     return (f"{len(adapted) + len(plain)} quantized linear(s) ({', '.join(kinds)}) run dequantized in float32 in the "
             f"graph (the quantizers' kernels have no ONNX form); the adapters are unchanged",)
-
-
-def _float_linear(layer: nn.Module) -> nn.Linear:
-    out = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
-    with torch.no_grad():
-        out.weight.copy_(dequantized_weight(layer))
-        if layer.bias is not None:
-            out.bias.copy_(layer.bias.float())
-    return out
 
 
 def _copy_from(adapters: dict[str, nn.Module]):
