@@ -15,23 +15,25 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 import aurora_fx.methods  # noqa: F401, I001  (the built-in methods register themselves)
 from aurora_fx.adapter_record import install_record_hooks
+from aurora_fx.adapter_set import AdapterSet
 from aurora_fx.fastpaths import guard_fast_paths
 from aurora_fx.methods.experts import ExpertAdapters
 from aurora_fx.model_state import model_state, update_model_state
+from aurora_fx.named import DEFAULT, adapter_names, check_name, set_trainable, sync_sets
 from aurora_fx.owners import (
     Binding,
     WrappedOwner,
     adapter_attr,
     build_owner,
     build_wrapped_owner,
-    iter_bindings,
+    iter_owners,
     owner_graph,
     owner_state,
     swap_module,
@@ -74,6 +76,9 @@ def attach(model: nn.Module, requests: list[SiteRequest], fill: Fill | None = No
            dtype: torch.dtype | None = None) -> nn.Module:
     """Put the adapters of ``requests`` into ``model``: plan → fill → commit.
 
+    The requests' adapter name (one per call) joins the model's names; with more than one name every adapted
+    slot of the model holds an ``AdapterSet`` (``aurora_fx.named``), and the new name becomes the active one.
+
     Args:
         model: The model; changed only once every owner is planned and filled.
         requests: Checked site requests (``passes.check``); they are checked again here.
@@ -87,33 +92,53 @@ def attach(model: nn.Module, requests: list[SiteRequest], fill: Fill | None = No
         ``model``.
     """
     require(requests)
-    plans = plan_owners(model, requests, fuse, dtype)
+    name = _request_name(requests)
+    names = tuple(dict.fromkeys((*adapter_names(model), name)))
+    plans = plan_owners(model, requests, fuse, dtype, names)
     if fill is not None:
         for plan in plans:
             for b in plan.new_bindings:
                 fill(b.site, plan.module.get_submodule(b.attr))
     current = model_state(model)
     kept = current.trainable_modules if current is not None else ()
-    _commit(model, plans, kept if trainable is None else trainable)
+    _commit(model, plans, kept if trainable is None else trainable, names, name)
     return model
 
 
+def _request_name(requests: list[SiteRequest]) -> str:
+    names = {r.name for r in requests}
+    if len(names) != 1:
+        raise ValueError(f"one attach adds one adapter name; got {sorted(names)}")
+    return check_name(names.pop())
+
+
 def plan_owners(model: nn.Module, requests: list[SiteRequest], fuse: bool,
-                dtype: torch.dtype | None = None) -> list[OwnerPlan]:
-    """Build every rewritten owner for ``requests`` (the model is untouched)."""
+                dtype: torch.dtype | None = None, names: tuple[str, ...] = (DEFAULT,)) -> list[OwnerPlan]:
+    """Build every rewritten owner for ``requests`` (the model is untouched).
+
+    With several adapter ``names``, owners whose slots still hold a single adapter are rebuilt too (their
+    adapters move into ``AdapterSet``s).
+    """
     groups: dict[str, list[SiteRequest]] = {}
     for request in requests:
         groups.setdefault(request.site.owner, []).append(request)
-    return [_plan_owner(model, path, group, fuse, dtype) for path, group in groups.items()]
+    if len(names) > 1:
+        for path, owner in iter_owners(model):
+            if path not in groups and not all(isinstance(owner._modules[b.slot], AdapterSet)
+                                              for b in owner_state(owner).bindings):
+                groups[path] = []
+    return [_plan_owner(model, path, group, fuse, dtype, names) for path, group in groups.items()]
 
 
 def _plan_owner(model: nn.Module, path: str, requests: list[SiteRequest], fuse: bool,
-                dtype: torch.dtype | None) -> OwnerPlan:
+                dtype: torch.dtype | None, names: tuple[str, ...]) -> OwnerPlan:
     current = get_submodule(model, path)
     _one_device(current, path)
     adapters, bindings = _new_adapters(current, requests, dtype)
     state = owner_state(current)
     old = state.bindings if state is not None else ()
+    if len(names) > 1:
+        return _plan_sets(current, path, adapters, old, bindings, names)
     site = requests[0].site
     wrapped = site.kind in ("expert", "conv") or site.quantization is not None or site.rows is not None
     if wrapped or isinstance(current, nn.MultiheadAttention):
@@ -124,6 +149,42 @@ def _plan_owner(model: nn.Module, path: str, requests: list[SiteRequest], fuse: 
     if fuse:
         gm = fuse_adapters(gm, [b.attr for b in bindings]).graph_module
     return OwnerPlan(path=path, module=gm, new_bindings=bindings)
+
+
+def _plan_sets(current: nn.Module, path: str, adapters: dict[str, nn.Module], old: tuple[Binding, ...],
+               new: tuple[Binding, ...], names: tuple[str, ...]) -> OwnerPlan:
+    """The owner with every slot an ``AdapterSet`` holding its named adapters (old ones shared, not copied)."""
+    members: dict[str, dict[str, nn.Module]] = {}
+    for b in old:
+        members.setdefault(b.slot, {})[b.name] = current.get_submodule(b.attr)
+    for b in new:
+        members.setdefault(b.attr, {})[b.name] = adapters[b.attr]
+    _refuse_set_kinds(path, current, old + new, [a for group in members.values() for a in group.values()])
+    sets = {slot: AdapterSet(group, names) for slot, group in members.items()}
+    old = tuple(replace(b, attr=f"{b.slot}.{b.name}") for b in old)
+    new = tuple(replace(b, attr=f"{b.attr}.{b.name}") for b in new)
+    if isinstance(current, WrappedOwner) or any(b.quantization is not None or b.rows is not None for b in new):
+        return OwnerPlan(path, build_wrapped_owner(current, sets, old + new), new)
+    original = owner_state(current).original if owner_state(current) is not None else current
+    gm = build_owner(current, owner_graph(original), sets, old + new)
+    gm = insert_adapters(gm, old + new).graph_module  # (no fuse pass: a set never fuses)
+    return OwnerPlan(path=path, module=gm, new_bindings=new)
+
+
+def _refuse_set_kinds(path: str, current: nn.Module, bindings: tuple[Binding, ...], adapters: list[nn.Module]
+                      ) -> None:
+    """Named adapters (several names) run on linear, functional, slice and quantized sites only, so far."""
+    bad = next((b for b in bindings if b.kind in ("expert", "conv")), None)
+    if bad is None and (isinstance(current, nn.MultiheadAttention)
+                        or any(getattr(a, "reads_base_weight", False) for a in adapters)):
+        bad = bindings[0]
+    if bad is not None:
+        site = bad.site
+        raise ValueError(f"several adapter names cannot share the model while {site} ({path or '<root>'}) holds an "
+                         f"adapter: named adapters run on linear, functional, fused-projection slice and quantized "
+                         f"sites, not yet on expert, convolution or nn.MultiheadAttention sites (or methods that "
+                         f"read the base weight). Keep one name on this model, or leave these sites out of the "
+                         f"pattern")
 
 
 def _one_device(current: nn.Module, path: str) -> None:
@@ -145,7 +206,8 @@ def _new_adapters(current: nn.Module, requests: list[SiteRequest], dtype: torch.
         attr = adapter_attr(current, slot.replace(".weight", "").replace(".", "_"))
         stored = torch.float32 if site.quantization is not None else weight.dtype  # (a quantized base: float32)
         adapters[attr] = _build(request, weight, adapter_dtype(stored, dtype))
-        bindings.append(Binding(site.path, site.param, attr, site.kind, site.layout, site.quantization, site.rows))
+        bindings.append(Binding(site.path, site.param, attr, site.kind, site.layout, site.quantization, site.rows,
+                                request.name))
     return adapters, tuple(bindings)
 
 
@@ -179,11 +241,14 @@ def rebuild_owner(model: nn.Module, path: str) -> nn.Module:
     return current
 
 
-def _commit(model: nn.Module, plans: list[OwnerPlan], trainable: tuple[str, ...]) -> None:
+def _commit(model: nn.Module, plans: list[OwnerPlan], trainable: tuple[str, ...], names: tuple[str, ...],
+            name: str) -> None:
     """Swap the planned owners into ``model``, guard fast paths, freeze all but what trains."""
     update_model_state(model)  # snapshots requires_grad before the first change
     for plan in plans:
         swap_module(model, plan.path, plan.module)
+    update_model_state(model, names=names, active=(name,))
+    sync_sets(model)
     guard_fast_paths(model, [p.path for p in plans])
     _freeze_base(model, trainable)
     install_record_hooks(model)
@@ -212,8 +277,5 @@ def _freeze_base(model: nn.Module, trainable: tuple[str, ...]) -> None:
     for path in trainable:
         for p in get_submodule(model, path).parameters():
             p.requires_grad_(True)
-    for _, gm, binding in iter_bindings(model):
-        for _, adapter in gm.get_submodule(binding.attr).units():
-            for name in adapter.adapter_params():
-                adapter.get_parameter(name).requires_grad_(adapter.trains)
+    set_trainable(model)
     update_model_state(model, trainable_modules=trainable)

@@ -28,12 +28,17 @@ class ModelState:
         controller: A weak reference to the ``AromaController`` driving the model, or None: its state goes into
             ``model.state_dict()``'s adapter record (so a Trainer checkpoint holds it).
         resumed_controller: Controller state found in a loaded state dict's record (``AromaCallback`` resumes it).
+        names: The adapter names, in the order they were added (``apply(..., name=...)``); ``adapter_rows``
+            indexes them.
+        active: The active names (``set_adapters``).
     """
 
     requires_grad: dict[str, bool] = field(default_factory=dict)
     trainable_modules: tuple[str, ...] = ()
     controller: Any = None
     resumed_controller: dict[str, Any] | None = None
+    names: tuple[str, ...] = ()
+    active: tuple[str, ...] = ()
 
 
 def model_state(model: nn.Module) -> ModelState | None:

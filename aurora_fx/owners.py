@@ -66,6 +66,9 @@ class Binding:
         layout: Weight storage (see ``Site.layout``).
         quantization: The base weight's quantization (``Site.quantization``), or None.
         rows: A slice site's output rows (``Site.rows``), or None.
+        name: The adapter's name (``apply(..., name=...)``). In a model with several names every adapter lives in
+            an ``AdapterSet`` at the slot, and ``attr`` is ``"<slot>.<name>"`` (``gm.get_submodule(attr)`` is the
+            adapter either way).
     """
 
     site: str
@@ -75,6 +78,12 @@ class Binding:
     layout: Layout
     quantization: str | None = None
     rows: tuple[int, int] | None = None
+    name: str = "default"
+
+    @property
+    def slot(self) -> str:
+        """The owner attribute the graph (or the wrapped forward) calls: the adapter, or the ``AdapterSet``."""
+        return self.attr.partition(".")[0]
 
 
 @dataclass(frozen=True)
@@ -125,7 +134,7 @@ def adapter_attr(owner: nn.Module, param: str) -> str:
 
 def _is_our_adapter_slot(owner: nn.Module, name: str) -> bool:
     state = owner_state(owner)
-    return state is not None and any(b.attr == name for b in state.bindings)
+    return state is not None and any(b.slot == name for b in state.bindings)
 
 
 def build_owner(
@@ -180,7 +189,7 @@ def restore_original(gm: fx.GraphModule) -> nn.Module:
     state = owner_state(gm)
     assert state is not None, "not a rewritten owner"
     original = state.original
-    adapter_attrs = {b.attr for b in state.bindings}
+    adapter_attrs = {b.slot for b in state.bindings}
     for name in list(original._parameters):
         original._parameters[name] = gm._parameters.get(name)
     for name in list(original._buffers):
@@ -231,24 +240,24 @@ class WrappedOwner:
 
     def forward(self, *args, **kwargs):
         """The original forward, with the adapters' outputs added (see the class docstring)."""
-        bindings = self.meta[_STATE_KEY].bindings
+        bindings = tuple({b.slot: b for b in self.meta[_STATE_KEY].bindings}.values())  # one call per slot
         if bindings[0].kind == "expert":
-            weights = [(self._parameters[b.param], self._modules[b.attr], b.site, b.layout == "in_out")
+            weights = [(self._parameters[b.param], self._modules[b.slot], b.site, b.layout == "in_out")
                        for b in bindings]
             with ExpertRouting(weights):
                 return super().forward(*args, **kwargs)
         if isinstance(self, nn.MultiheadAttention):  # q/k/v rows of in_proj_weight and out_proj, where they compute
-            targets = [(self.get_parameter(b.param), b.rows, self._modules[b.attr]) for b in bindings]
+            targets = [(self.get_parameter(b.param), b.rows, self._modules[b.slot]) for b in bindings]
             with RowRouting(targets):
                 return super().forward(*args, **kwargs)
         x = args[0] if args else kwargs["input"]
         if bindings[0].rows is not None:  # slices of a fused projection: each adds to its own output rows
             out = super().forward(*args, **kwargs)
             for b in bindings:
-                delta = self._modules[b.attr](x).to(out.dtype)
+                delta = self._modules[b.slot](x).to(out.dtype)
                 out = out + F.pad(delta, (b.rows[0], out.shape[-1] - b.rows[1]))
             return out
-        adapter = self._modules[bindings[0].attr]
+        adapter = self._modules[bindings[0].slot]
         if bindings[0].kind == "conv":  # (the convolution keeps only its input for backward: add in place)
             return super().forward(*args, **kwargs).add_(conv_delta(adapter, x, self))
         base = frozen_base_forward(self, super().forward, x)  # (no float copy of the weight kept for backward)
@@ -290,9 +299,10 @@ def iter_owners(model: nn.Module) -> list[tuple[str, fx.GraphModule]]:
     return [(path, m) for path, m in model.named_modules() if owner_state(m) is not None]
 
 
-def iter_bindings(model: nn.Module) -> list[tuple[str, fx.GraphModule, Binding]]:
-    """Every ``(owner path, owner, binding)`` in ``model``, in module order."""
-    return [(path, gm, b) for path, gm in iter_owners(model) for b in owner_state(gm).bindings]
+def iter_bindings(model: nn.Module, name: str | None = None) -> list[tuple[str, fx.GraphModule, Binding]]:
+    """Every ``(owner path, owner, binding)`` in ``model`` (of the adapter ``name``, if given), in module order."""
+    return [(path, gm, b) for path, gm in iter_owners(model) for b in owner_state(gm).bindings
+            if name is None or b.name == name]
 
 
 @dataclass(frozen=True)
@@ -331,10 +341,10 @@ def base_weight(gm: nn.Module, b: Binding) -> Tensor:
     return dequantized_weight(gm)
 
 
-def iter_units(model: nn.Module) -> list[AdapterUnit]:
-    """Every adapter of ``model`` one by one, expert sites expanded to their experts, in module order."""
+def iter_units(model: nn.Module, name: str | None = None) -> list[AdapterUnit]:
+    """Every adapter of ``model`` (named ``name``, if given) one by one, expert sites expanded, in module order."""
     units = []
-    for path, gm, b in iter_bindings(model):
+    for path, gm, b in iter_bindings(model, name):
         weight = weight_out_in(gm.get_parameter(b.param), b.layout)
         weight = weight if b.rows is None else weight[b.rows[0]:b.rows[1]]
         quantized = gm if b.quantization is not None else None

@@ -51,6 +51,8 @@ class Site:
         matched: Whether the pattern selects it (always False without a pattern).
         reason: Why it cannot be adapted, or None if it can (decided by ``passes.check.check``).
         adapted: The method already applied here ("aurora", "lora", "aroma"), or None.
+        adapted_names: The names of the adapters already here (``apply(..., name=...)``; ``("default",)`` for one
+            adapter applied without a name), in the order they were added.
         owner_type: Class name of the owner (the original class for a rewritten owner).
         is_parameter: The weight is an ``nn.Parameter`` (not a buffer or a plain tensor).
         floating: The weight is floating point and not quantized.
@@ -86,6 +88,7 @@ class Site:
     quantization: str | None = None
     unsupported: str | None = None
     rows: tuple[int, int] | None = None
+    adapted_names: tuple[str, ...] = ()
 
     @property
     def adaptable(self) -> bool:
@@ -99,6 +102,7 @@ class SiteRequest:
 
     site: Site
     config: AdapterConfig
+    name: str = "default"
 
 
 @dataclass(frozen=True)
@@ -178,6 +182,8 @@ class AdapterInfo:
         fused: Whether the owner graph calls the fused op.
         config: The adapter config as a dict.
         details: Method-specific facts (AROMA: pieces merged, effective rank, active piece).
+        name: The adapter's name (``apply(..., name=...)``; ``"default"`` without one).
+        active: Whether it is active (``set_adapters``); always True for a model with one name.
     """
 
     path: str
@@ -191,6 +197,8 @@ class AdapterInfo:
     fused: bool
     config: dict[str, Any] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
+    name: str = "default"
+    active: bool = True
 
 
 def _shape(site: Site) -> str:

@@ -14,11 +14,23 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from aurora_fx.attach import attach, resolve_trainable
+from aurora_fx.adapter_set import AdapterSet
+from aurora_fx.attach import attach, rebuild_owner, resolve_trainable
 from aurora_fx.config import AdapterConfig
 from aurora_fx.fastpaths import guard_fast_paths, release_fast_paths
-from aurora_fx.model_state import clear_model_state
-from aurora_fx.owners import base_weight, iter_bindings, iter_owners, owner_state, restore_original, swap_module
+from aurora_fx.model_state import clear_model_state, update_model_state
+from aurora_fx.named import DEFAULT, active_names, adapter_names, check_name, resolve_name, set_trainable, sync_sets
+from aurora_fx.owners import (
+    OwnerState,
+    WrappedOwner,
+    base_weight,
+    iter_bindings,
+    iter_owners,
+    owner_state,
+    restore_original,
+    set_owner_state,
+    swap_module,
+)
 from aurora_fx.passes.check import select_requests
 from aurora_fx.passes.match import find_sites
 from aurora_fx.passes.pattern import Pattern, compile_pattern
@@ -27,7 +39,7 @@ from aurora_fx.quantized import dequantized_weight, float_linear
 from aurora_fx.registry import make_config
 from aurora_fx.slice_sites import Slices
 
-__all__ = ["apply", "unload", "merge", "disable_adapters"]
+__all__ = ["apply", "unload", "merge", "disable_adapters", "delete_adapter"]
 
 logger = logging.getLogger("aurora_fx")
 
@@ -45,6 +57,7 @@ def apply(
     fuse: bool = True,
     dtype: torch.dtype | None = None,
     slices: Slices | None = None,
+    name: str = DEFAULT,
 ) -> nn.Module:
     """Put adapters on every linear-like site whose path matches ``pattern``.
 
@@ -73,6 +86,9 @@ def apply(
             else the base's. Adapters compute in it and add into the base output in the base's.
         slices: Output-row blocks of fused projections as sites (``{"qkv": {"q": (0, 768)}}``); the known layouts
             (``qkv``, ``c_attn``, ``qkv_proj``: q/k/v thirds) need none. See ``aurora_fx.slice_sites``.
+        name: The adapters' name (an identifier). A second name adds a second adapter beside the first (on the
+            same or other sites, of any method; ``aurora_fx.named``): the new name becomes the active one and the
+            one that trains (``set_adapters`` chooses others; ``adapter_rows`` mixes them per batch row).
 
     Returns:
         ``model`` itself.
@@ -92,7 +108,7 @@ def apply(
     config = make_config(method, rank, alpha, dropout, as_aurora_config(config))
     matcher = compile_pattern(pattern)
     table = find_sites(model, matcher, slices=slices)
-    requests = select_requests(model, table, matcher, config)
+    requests = select_requests(model, table, matcher, config, check_name(name))
     trainable = resolve_trainable(model, trainable_modules)
     return attach(model, requests, trainable=trainable, fuse=fuse, dtype=dtype)
 
@@ -129,8 +145,11 @@ def _holds_adapter(module: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def merge(model: nn.Module, lossy: bool = False, *, dequantize: bool = False) -> nn.Module:
+def merge(model: nn.Module, lossy: bool = False, *, dequantize: bool = False, name: str | None = None) -> nn.Module:
     """Fold every adapter into its base weight, then ``unload``.
+
+    With several named adapters, ``name`` chooses the one folded into the base weights; it is then deleted and
+    the others stay (on the changed base). A model with one name needs none.
 
     Exact for LoRA and AROMA (``W ← W + ΔW``, computed in float32 or wider). AuroRA is
     nonlinear in x and refuses unless ``lossy=True``, which applies the paper's static merge
@@ -145,9 +164,11 @@ def merge(model: nn.Module, lossy: bool = False, *, dequantize: bool = False) ->
     Example:
         >>> aurora_fx.merge(qlora_model, dequantize=True)   # 4-bit base + LoRA → float32 linears
     """
-    _refuse_quantized(model, dequantize)
+    name = resolve_name(model, name)
+    several = len(adapter_names(model)) > 1
+    _refuse_quantized(model, dequantize, several)
     updates = []
-    for owner, gm, binding in iter_bindings(model):
+    for owner, gm, binding in iter_bindings(model, name):
         delta = gm.get_submodule(binding.attr).delta_weight(lossy=lossy)  # raises for AuroRA
         updates.append((owner, gm, binding, delta))
     for owner, gm, binding, delta in updates:
@@ -156,11 +177,15 @@ def merge(model: nn.Module, lossy: bool = False, *, dequantize: bool = False) ->
             continue
         weight = base_weight(gm, binding)  # (a view: a slice site's rows of it)
         weight.copy_((weight.to(delta.dtype) + delta).to(weight.dtype))
-    return unload(model)
+    return delete_adapter(model, name) if several else unload(model)
 
 
-def _refuse_quantized(model: nn.Module, dequantize: bool) -> None:
+def _refuse_quantized(model: nn.Module, dequantize: bool, several: bool = False) -> None:
     quantized = [b.site for _, _, b in iter_bindings(model) if b.quantization is not None]
+    if quantized and several:
+        raise ValueError(f"merging one of several named adapters into a quantized base ({quantized[0]}) would "
+                         f"replace the layer the others sit on; delete the other names first "
+                         f"(aurora_fx.delete_adapter), or keep the adapters unmerged")
     if quantized and not dequantize:
         raise ValueError(f"{len(quantized)} adapted site(s) have a quantized base (e.g. {quantized[0]}); W + ΔW cannot "
                          f"be stored back quantized without a new rounding error. Pass dequantize=True to get float "
@@ -196,3 +221,45 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
         for path, gm in owners:
             swap_module(model, path, gm)
         guard_fast_paths(model, [p for p, _ in owners])
+
+
+def delete_adapter(model: nn.Module, name: str) -> nn.Module:
+    """Remove the adapter ``name`` from every site; owners left without adapters get their original back.
+
+    The other names stay, each in its ``AdapterSet``; the active names lose ``name`` (the first remaining name
+    becomes active if none is left). Deleting the last name is ``unload``.
+
+    Raises:
+        ValueError: No adapter of that name (the message lists the model's names).
+    """
+    resolve_name(model, name)
+    names = tuple(n for n in adapter_names(model) if n != name)
+    if not names:
+        return unload(model)
+    for path, owner in iter_owners(model):
+        state = owner_state(owner)
+        kept = tuple(b for b in state.bindings if b.name != name)
+        if not kept:
+            swap_module(model, path, restore_original(owner))
+        elif len(kept) < len(state.bindings):
+            _drop_from_sets(model, path, owner, kept, name)
+    active = tuple(n for n in active_names(model) if n != name) or names[:1]
+    update_model_state(model, names=names, active=active)
+    sync_sets(model)
+    set_trainable(model)
+    return model
+
+
+def _drop_from_sets(model: nn.Module, path: str, owner: nn.Module, kept: tuple, name: str) -> None:
+    """The owner's sets without ``name`` (a slot left empty is removed; a graph owner's code is regenerated)."""
+    state = owner_state(owner)
+    live = {b.slot for b in kept}
+    for slot in {b.slot for b in state.bindings if b.name == name}:
+        old = owner._modules[slot]
+        if slot in live:
+            owner._modules[slot] = AdapterSet({n: a for n, a in old.named_children() if n != name}, old.names)
+        else:
+            del owner._modules[slot]
+    set_owner_state(owner, OwnerState(original=state.original, bindings=kept))
+    if not isinstance(owner, WrappedOwner):
+        rebuild_owner(model, path)

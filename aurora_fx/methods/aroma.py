@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from aurora_fx import functional as AF
 from aurora_fx.config import AromaConfig
 from aurora_fx.distributed import assign, full
-from aurora_fx.methods.base import AdapterBase, LoraFactors, kaiming_uniform_
+from aurora_fx.methods.base import AdapterBase, LoraFactors, RowForm, kaiming_uniform_
 from aurora_fx.registry import register_adapter
 
 __all__ = ["AromaAdapter", "Merge"]
@@ -114,6 +114,14 @@ class AromaAdapter(AdapterBase):
             u = torch.cat([u, full(self.B).to(u.dtype) * self.scale], dim=1)
             v = torch.cat([v, full(self.A).to(v.dtype)], dim=0)
         return LoraFactors(v, u, 1.0)
+
+    def row_form(self) -> RowForm | None:
+        """``[V; A]`` and ``[U, s·B]``, identity code; None while the active piece's dropout is on (U·V never drops)."""
+        if self.frozen:
+            return RowForm(self.V, self.U)
+        if self.dropout is not None and self.training:
+            return None
+        return RowForm(torch.cat([self.V, self.A.to(self.V.dtype)]), torch.cat([self.U, self.B * self.scale], dim=1))
 
     def stored_tensors(self) -> dict[str, Tensor]:
         """U, V, and the active piece's A, B while it trains (a frozen site's A, B are dead)."""

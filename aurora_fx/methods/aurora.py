@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from aurora_fx import functional as AF
 from aurora_fx.config import AuroraConfig
-from aurora_fx.methods.base import AdapterBase, Fusion, LoraFactors, kaiming_uniform_
+from aurora_fx.methods.base import AdapterBase, Fusion, LoraFactors, RowForm, kaiming_uniform_
 from aurora_fx.ops import grouped
 from aurora_fx.ops.aurora_delta import ORDER
 from aurora_fx.ops.fused import aurora_delta, aurora_linear
@@ -95,6 +95,10 @@ class AuroraAdapter(AdapterBase):
         sigma = AF.anl_rows(z, h, ws, first.knots, first.order)
         b = (torch.stack([a.B for a in adapters]) * first.scale).transpose(1, 2)  # (E, r, d_out)
         return grouped.grouped_mm(sigma, b, offs)
+
+    def row_form(self) -> RowForm:
+        """``A``, ``s·B`` and the ANL's ``H``, ``Ws`` and knots."""
+        return RowForm(self.A, self.B * self.scale, self.config.dropout, self.H, self.Ws, self.knots, self.order)
 
     def oracle_delta(self, x: Tensor) -> Tensor:
         """``s·B·σ(A·x)`` from the oracle, with knots rebuilt from the config."""

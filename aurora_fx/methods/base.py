@@ -15,7 +15,8 @@ other module tests for a concrete adapter class:
 * **math**: ``oracle_delta(x)`` (the functional oracle, what every fast path is tested against),
   ``grouped_delta(adapters, x, offs)`` (optional: many experts' adapters in grouped matmuls),
   ``delta_weight(lossy)`` (the merge) and ``lora_factors(lossy)`` / ``lora_exact`` (the update as
-  LoRA factors, for ``export.to_peft``);
+  LoRA factors, for ``export.to_peft``), ``row_form()`` (optional: the update as factors and a code function, so
+  many named adapters run as one gathered op over a mixed batch, ``aurora_fx.adapter_set``);
 * **sites**: ``check_site(site, config)`` (a method's own refusal, called by ``passes.check``);
   ``units()`` (the adapters one by one: itself, or an expert family's per-expert adapters).
 
@@ -37,7 +38,7 @@ from torch import Tensor, nn
 from aurora_fx.config import AdapterConfig
 from aurora_fx.ops.dropout import InputDropout
 
-__all__ = ["AdapterBase", "Fusion", "LoraFactors", "kaiming_uniform_"]
+__all__ = ["AdapterBase", "Fusion", "LoraFactors", "RowForm", "kaiming_uniform_"]
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,24 @@ class LoraFactors:
     A: Tensor
     B: Tensor
     scale: float
+
+
+@dataclass(frozen=True)
+class RowForm:
+    """An update as ``Δ(x) = B·g(A·drop(x))``, the scale folded into B (live tensors: gradients flow through).
+
+    ``g`` is the identity when ``H`` is None (LoRA, AROMA), else AuroRA's ANL ``σ(z) = tanh(H·tanh z) + Ws·S(z)``
+    with ``knots`` and ``order``. ``dropout`` is the input dropout of every rank (an adapter whose ranks drop out
+    differently has no row form while its dropout is active).
+    """
+
+    A: Tensor
+    B: Tensor
+    dropout: float = 0.0
+    H: Tensor | None = None
+    Ws: Tensor | None = None
+    knots: Tensor | None = None
+    order: int = 3
 
 
 def kaiming_uniform_(t: Tensor, generator: torch.Generator | None = None) -> None:
@@ -177,6 +196,10 @@ class AdapterBase(nn.Module):
 
         The experts' fast path (``methods/experts.py``); None (the default) makes the caller loop over experts.
         """
+        return None
+
+    def row_form(self) -> RowForm | None:
+        """The update as ``RowForm`` factors (several named adapters then run as one gathered op), or None."""
         return None
 
     def delta_weight(self, lossy: bool = False) -> Tensor:

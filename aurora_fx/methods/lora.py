@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from aurora_fx import functional as AF
 from aurora_fx.config import LoraConfig
-from aurora_fx.methods.base import AdapterBase, Fusion, LoraFactors, kaiming_uniform_
+from aurora_fx.methods.base import AdapterBase, Fusion, LoraFactors, RowForm, kaiming_uniform_
 from aurora_fx.ops import grouped
 from aurora_fx.ops.fused import lora_delta, lora_linear
 from aurora_fx.registry import register_adapter
@@ -61,6 +61,10 @@ class LoraAdapter(AdapterBase):
         a = torch.stack([ad.A for ad in adapters]).transpose(1, 2)  # (E, d_in, r)
         b = (torch.stack([ad.B for ad in adapters]) * first.scale).transpose(1, 2)  # (E, r, d_out)
         return grouped.grouped_mm(grouped.grouped_mm(x, a, offs), b, offs)
+
+    def row_form(self) -> RowForm:
+        """``A`` and ``s·B``, identity code."""
+        return RowForm(self.A, self.B * self.scale, self.config.dropout)
 
     def delta_weight(self, lossy: bool = False) -> Tensor:
         """Exact ``ΔW = s·B·A`` in float32 or wider."""

@@ -62,9 +62,14 @@ def _not_bypassed(site: Site) -> str | None:
     return site.bypass
 
 
-def _free(site: Site, config: AdapterConfig) -> str | None:
-    return None if site.adapted is None else (f"already has an adapter ({site.adapted}); call "
-                                              f"aurora_fx.unload(model) first")
+def _free(site: Site, name: str) -> str | None:
+    if site.adapted is None or (site.adapted_names and name not in site.adapted_names):
+        return None
+    if site.adapted_names in ((), ("default",)) and name == "default":
+        return (f"already has an adapter ({site.adapted}); call aurora_fx.unload(model) first, or add a second one "
+                f"under a name: apply(..., name='other')")
+    return (f"already has an adapter named {name!r} ({site.adapted}); remove it first "
+            f"(aurora_fx.delete_adapter(model, {name!r})) or apply under another name")
 
 
 def _rank_fits(site: Site, config: AdapterConfig) -> str | None:
@@ -83,10 +88,10 @@ def _supported_layout(site: Site) -> str | None:
 
 _SITE_RULES: tuple[Callable[[Site], str | None], ...] = (_parameter, _floating, _two_d, _not_root, _not_bypassed,
                                                          _supported_layout)
-_REQUEST_RULES: tuple[Callable[[Site, AdapterConfig], str | None], ...] = (_free, _rank_fits, _method_accepts)
+_REQUEST_RULES: tuple[Callable[[Site, AdapterConfig], str | None], ...] = (_rank_fits, _method_accepts)
 
 
-def check(site: Site, config: AdapterConfig | None = None) -> str | None:
+def check(site: Site, config: AdapterConfig | None = None, name: str = "default") -> str | None:
     """Why ``site`` cannot take an adapter of ``config``, or None if it can.
 
     With ``config=None`` only the rules that hold for every adapter apply (what ``sites()``
@@ -99,6 +104,9 @@ def check(site: Site, config: AdapterConfig | None = None) -> str | None:
             return reason
     if config is None:
         return None
+    reason = _free(site, name)  # (no adapter of this name here yet)
+    if reason:
+        return reason
     for request_rule in _REQUEST_RULES:
         reason = request_rule(site, config)
         if reason:
@@ -122,7 +130,7 @@ def _problems(requests: list[SiteRequest]) -> tuple[int, list[str]]:
     """How many requests ``check`` refuses, and one line per distinct reason with the sites it names."""
     by_reason: dict[str, list[str]] = {}
     for r in requests:
-        reason = check(r.site, r.config)
+        reason = check(r.site, r.config, r.name)
         if reason:
             by_reason.setdefault(reason, []).append(r.site.path or "<root>")
     lines = []
@@ -140,13 +148,14 @@ def require(requests: list[SiteRequest], error: type[Exception] = ValueError, co
         raise error(f"{lead}{count} site(s) cannot take the adapter:\n  " + "\n  ".join(lines))
 
 
-def select_requests(model: nn.Module, table: SiteTable, matcher: Matcher, config: AdapterConfig) -> list[SiteRequest]:
-    """``apply``'s requests: every matched site with ``config``, or a ValueError that says what to do."""
+def select_requests(model: nn.Module, table: SiteTable, matcher: Matcher, config: AdapterConfig,
+                    name: str = "default") -> list[SiteRequest]:
+    """``apply``'s requests: every matched site with ``config`` under ``name``, or a ValueError that says what to do."""
     matched = table.matched
     check_modules(model, table, matcher, bool(matched))
     if not matched:
         raise ValueError(_nothing_matched(table, matcher))
-    requests = [SiteRequest(site, config) for site in matched]
+    requests = [SiteRequest(site, config, name) for site in matched]
     count, lines = _problems(requests)
     if count:
         raise ValueError(

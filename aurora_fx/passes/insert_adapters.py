@@ -32,6 +32,7 @@ from __future__ import annotations
 import copy
 import operator
 from collections.abc import Iterable
+from dataclasses import replace
 
 import torch.fx as fx
 from torch import nn
@@ -76,6 +77,10 @@ def inline_adapter(graph: fx.Graph, inputs: list[fx.Node], attr: str, adapter: n
     Returns:
         The node holding the adapter output ``Δ(x)``.
     """
+    if not getattr(adapter, "inline", True):  # an AdapterSet: one call to the module (aurora_fx.adapter_set)
+        node = graph.call_module(attr, tuple(inputs))
+        tag(node, attr)
+        return node
     env: dict[fx.Node, fx.Node] = {}
     result = None
     feed = iter(inputs)
@@ -121,14 +126,13 @@ def insert_adapters(gm: fx.GraphModule, bindings: Iterable[Binding]) -> PassResu
     """Insert the adapter subgraph of each binding after every linear node on its parameter.
 
     Args:
-        gm: Owner GraphModule that already holds each binding's adapter at ``binding.attr``.
+        gm: Owner GraphModule that already holds each binding's adapter (or ``AdapterSet``) at ``binding.slot``.
         bindings: The new bindings (parameters not yet adapted in ``gm``'s graph).
 
     Returns:
         ``PassResult(gm, modified)``; the graph is linted and ``forward`` regenerated.
     """
-    bindings = list(bindings)
-    by_param = {b.param: b for b in bindings}
+    by_param = {b.param: replace(b, attr=b.slot) for b in bindings}  # one insertion per slot (named adapters share it)
     modified = False
     for call in linear_calls(gm.graph):
         binding = by_param.get(call.attr)

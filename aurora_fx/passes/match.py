@@ -171,21 +171,21 @@ def _quantized_site(path: str, owner: nn.Linear) -> Site:
 
 def _adapted_sites(owner: nn.Module) -> dict[str, str]:
     state = owner_state(owner)
-    return {} if state is None else {b.site: getattr(owner, b.attr).method for b in state.bindings}
+    return {} if state is None else {b.site: owner.get_submodule(b.attr).method for b in state.bindings}
 
 
 def _adapted_slices(owner: nn.Module) -> dict[str, str]:
     state = owner_state(owner)
-    return {} if state is None else {b.site: getattr(owner, b.attr).method for b in state.bindings if b.rows}
+    return {} if state is None else {b.site: owner.get_submodule(b.attr).method for b in state.bindings if b.rows}
 
 
 def _adapted_params(owner: nn.Module) -> dict[str, str]:
     state = owner_state(owner)
-    return {} if state is None else {b.param: getattr(owner, b.attr).method for b in state.bindings}
+    return {} if state is None else {b.param: owner.get_submodule(b.attr).method for b in state.bindings}
 
 
 def _adapted_method(owner: nn.Module, binding: object) -> str | None:
-    return None if binding is None else getattr(owner, binding.attr).method
+    return None if binding is None else owner.get_submodule(binding.attr).method
 
 
 _CHILD_WEIGHT_READ = re.compile(r"self\.(\w+)\.(?:weight|bias)\b")
@@ -295,5 +295,10 @@ def _finish(site: Site, bypassed: dict[str, str], matcher: Matcher, model: nn.Mo
     whole = site.path.partition("[")[0]
     whole_matched = site.rows is not None and whole in wholes and matcher(whole, owner)  # (slice_sites.py)
     matched = matcher(site.path, owner) and not whole_matched
-    site = replace(site, bypass=bypassed.get(whole), matched=matched)
+    site = replace(site, bypass=bypassed.get(whole), matched=matched, adapted_names=_adapted_names(owner, site.path))
     return replace(site, reason=check(site))
+
+
+def _adapted_names(owner: nn.Module, path: str) -> tuple[str, ...]:
+    state = owner_state(owner)
+    return () if state is None else tuple(b.name for b in state.bindings if b.site == path)
