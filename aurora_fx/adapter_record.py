@@ -75,9 +75,9 @@ def controller_from_json(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def _prepare_adapters(model: nn.Module, record: dict[str, Any], state_dict: dict, prefix: str) -> None:
-    saved = {site["path"]: site for site in record.get("sites", ())}
+    saved = {(site["path"], site.get("name", "default")): site for site in record.get("sites", ())}
     for owner, gm, b in iter_bindings(model):
-        entry = saved.get(b.site)
+        entry = saved.get((b.site, b.name))
         if entry is None or entry.get("config", {}).get("method") != gm.get_submodule(b.attr).method:
             continue
         adapter = gm.get_submodule(b.attr)
@@ -107,14 +107,16 @@ def install_record_hooks(model: nn.Module) -> None:
         model.__dict__[_HOOKED] = True
 
 
-def adapter_metadata(model: nn.Module, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def adapter_metadata(model: nn.Module, extra: dict[str, Any] | None = None, name: str | None = None
+                     ) -> dict[str, Any]:
     """The JSON record of ``model``'s adapters (what ``save_adapters`` writes in its header).
 
     It holds the format, the model class, per site its owner, parameter, adapter attribute, kind,
-    layout, shape, config, state and base-weight fingerprint, and the trainable modules.
+    layout, shape, config, state and base-weight fingerprint (and the adapter name, unless ``"default"``),
+    and the trainable modules. ``name`` keeps the adapters of that name only.
     """
     sites = []
-    for owner, gm, b in iter_bindings(model):
+    for owner, gm, b in iter_bindings(model, name):
         adapter = gm.get_submodule(b.attr)
         base = fingerprint(base_weight(gm, b))
         sites.append({
@@ -124,6 +126,7 @@ def adapter_metadata(model: nn.Module, extra: dict[str, Any] | None = None) -> d
             "config": adapter.config.to_dict(), "state": adapter.state(),
             "tensors": sorted(adapter.stored_tensors()),  # (a state dict also holds a frozen piece's dead A, B)
             "base": base.to_dict() if base is not None else None,
+            **({"name": b.name} if b.name != "default" else {}),  # (a one-adapter file stays as it always was)
         })
     state = model_state(model)
     trainable = state.trainable_modules if state is not None else ()

@@ -18,7 +18,7 @@ import json
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from aurora_fx.fingerprint import Fingerprint, differs, fingerprint
 from aurora_fx.owners import Binding, base_weight, iter_bindings
 from aurora_fx.passes.check import require
 from aurora_fx.passes.match import find_sites
+from aurora_fx.named import DEFAULT, adapter_names, check_name, resolve_name
 from aurora_fx.records import Site, SiteRequest
 from aurora_fx.registry import config_from_dict
 from aurora_fx.tracing import get_submodule
@@ -71,6 +72,7 @@ class SiteEntry:
     tensors: tuple[str, ...] = ()  # the adapter's stored tensor names (empty in older checkpoints)
     quantization: str | None = None  # the base weight's quantization when saved (Site.quantization)
     rows: tuple[int, int] | None = None  # a slice site's output rows (Site.rows)
+    name: str = "default"  # the adapter's name when saved (apply(..., name=...))
 
 
 @dataclass(frozen=True)
@@ -91,7 +93,7 @@ def _resolve(path: str | os.PathLike) -> Path:
 
 
 def save_adapters(model: nn.Module, path: str | os.PathLike, *, extra: dict[str, Any] | None = None,
-                  controller: Any = None) -> Path:
+                  controller: Any = None, name: str | None = None) -> Path:
     """Write the adapters (and ``trainable_modules`` parameters) of ``model`` to ``path``.
 
     Args:
@@ -100,6 +102,8 @@ def save_adapters(model: nn.Module, path: str | os.PathLike, *, extra: dict[str,
         extra: JSON-serialisable notes stored with the checkpoint (e.g. the base model name).
         controller: An ``AromaController`` whose state is saved too, so a run resumes where it stopped
             (``read_controller_state(path)`` → ``controller.load_state_dict``).
+        name: Which named adapter to write (``aurora_fx.named``); needed only when the model holds several.
+            A ``"default"`` adapter's file is exactly a one-adapter file.
 
     Returns:
         The file written.
@@ -110,11 +114,12 @@ def save_adapters(model: nn.Module, path: str | os.PathLike, *, extra: dict[str,
         >>> aurora_fx.save_adapters(model, "runs/bbc")     # runs/bbc/adapters.safetensors
     """
     target = _resolve(path)
-    meta = adapter_metadata(model, extra)
+    name = resolve_name(model, name)
+    meta = adapter_metadata(model, extra, name)
     if not meta["sites"]:
         raise ValueError("model has no aurora_fx adapters to save; call aurora_fx.apply(model, pattern) first")
     tensors = {}
-    for _, gm, b in iter_bindings(model):
+    for _, gm, b in iter_bindings(model, name):
         for name, t in gm.get_submodule(b.attr).stored_tensors().items():
             tensors[f"adapters/{b.site}/{name}"] = t
     for module_path in meta["trainable_modules"]:
@@ -203,8 +208,13 @@ def parse_metadata(target: Path, meta: dict[str, Any], tensors: dict[str, torch.
 
 
 def load_adapters(model: nn.Module, path: str | os.PathLike, *, fuse: bool = True,
-                  check_base: bool = True) -> nn.Module:
+                  check_base: bool = True, name: str | None = None) -> nn.Module:
     """Rebuild the checkpoint's adapters on ``model`` (a fresh base model; no prior ``apply``).
+
+    With ``name`` (default: the name it was saved under, ``"default"`` for a one-adapter file) the adapters join
+    the model under that name (``aurora_fx.named``). Loading into a name the model already holds replaces its
+    weights in place (same sites, method and shapes; a LoRA of a smaller rank is zero-padded into the slot, its
+    scale carried into B): no module is rebuilt, so a ``torch.compile``d model does not recompile.
 
     Steps: read → find the checkpoint's sites → check (sites free, shapes and base weights as
     saved) → attach (fill each adapter from the file) → load the ``trainable_modules`` weights.
@@ -225,12 +235,16 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, *, fuse: bool = Tru
         >>> model = BertForSequenceClassification.from_pretrained(path, num_labels=5)
         >>> aurora_fx.load_adapters(model, "runs/bbc")
     """
-    return load_checkpoint(model, read_checkpoint(path), fuse=fuse, check_base=check_base)
+    return load_checkpoint(model, read_checkpoint(path), fuse=fuse, check_base=check_base, name=name)
 
 
-def load_checkpoint(model: nn.Module, ckpt: Checkpoint, *, fuse: bool = True, check_base: bool = True) -> nn.Module:
+def load_checkpoint(model: nn.Module, ckpt: Checkpoint, *, fuse: bool = True, check_base: bool = True,
+                    name: str | None = None) -> nn.Module:
     """``load_adapters`` on a parsed ``Checkpoint`` (also used by ``aurora_fx.from_pretrained``)."""
-    requests = _requests(model, ckpt)
+    name = check_name(name if name is not None else _saved_name(ckpt))
+    if name in adapter_names(model):
+        return load_in_place(model, ckpt, name)
+    requests = [replace(r, name=name) for r in _requests(model, ckpt)]
     require(requests, CheckpointError, f"checkpoint {str(ckpt.path)!r}:")
     if check_base:
         _check_base(model, ckpt, {r.site.path: r.site for r in requests})
@@ -240,6 +254,48 @@ def load_checkpoint(model: nn.Module, ckpt: Checkpoint, *, fuse: bool = True, ch
     attach(model, requests, lambda site, adapter: _fill_adapter(adapter, site, ckpt), trainable, fuse=fuse)
     copy_values(values)
     return model
+
+
+def _saved_name(ckpt: Checkpoint) -> str:
+    names = {e.name for e in ckpt.sites}
+    return names.pop() if len(names) == 1 else DEFAULT
+
+
+def load_in_place(model: nn.Module, ckpt: Checkpoint, name: str) -> nn.Module:
+    """Write ``ckpt``'s weights into the model's adapters named ``name`` (validated first, then copied)."""
+    bound = {b.site: gm.get_submodule(b.attr) for _, gm, b in iter_bindings(model, name)}
+    saved = {e.path for e in ckpt.sites}
+    if saved != set(bound):
+        raise CheckpointError(f"checkpoint {str(ckpt.path)!r} adapts {len(saved)} site(s) and the adapter {name!r} "
+                              f"{len(bound)}; a load into an existing name needs the same sites (differing: "
+                              f"{sorted(saved ^ set(bound))[:4]}). Load it under a new name, or delete {name!r} first")
+    copies = [pair for e in ckpt.sites for pair in _slot_values(bound[e.path], e, ckpt)]
+    with torch.no_grad():
+        for target, value in copies:
+            target.copy_(value)
+    return model
+
+
+def _slot_values(adapter: nn.Module, entry: SiteEntry, ckpt: Checkpoint) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(slot tensor, value)`` pairs for one site: equal shapes, or a smaller LoRA padded (scale moved into B)."""
+    prefix = f"adapters/{entry.path}/"
+    given = {k[len(prefix):]: v for k, v in ckpt.tensors.items() if k.startswith(prefix)}
+    slot = adapter.stored_tensors()
+    why = f"the slot holds {adapter.method} rank {adapter.rank}, the checkpoint {entry.config.method} rank " \
+          f"{entry.config.rank}"
+    if entry.config == adapter.config and all(tuple(given[n].shape) == tuple(t.shape) for n, t in slot.items()
+                                               if n in given) and set(given) == set(slot):
+        return [(t, given[n].to(t.dtype)) for n, t in slot.items()]
+    if entry.config.method == adapter.method == "lora" and entry.config.rank <= adapter.rank \
+            and entry.config.dropout == adapter.config.dropout:
+        r = entry.config.rank
+        a = torch.zeros_like(slot["A"])
+        a[:r] = given["A"]
+        b = torch.zeros_like(slot["B"])
+        b[:, :r] = given["B"] * (entry.config.scale / adapter.config.scale)
+        return [(slot["A"], a), (slot["B"], b)]
+    raise CheckpointError(f"site {entry.path!r}: cannot load into the existing slot in place ({why}); a slot takes "
+                          f"the same method and config, or a LoRA of a rank up to its own. Load it under a new name")
 
 
 def _check_base(model: nn.Module, ckpt: Checkpoint, sites: dict[str, Site]) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from aurora_fx.named import active_names, resolve_name
+from aurora_fx.named import active_names, inactive_parameters, resolve_name
 from aurora_fx.owners import iter_bindings
 from aurora_fx.passes.fuse import is_fused
 from aurora_fx.records import AdapterInfo
@@ -46,7 +46,7 @@ def adapters(model: nn.Module) -> list[AdapterInfo]:
 
 
 def trainable_parameters(model: nn.Module, name: str | None = None) -> list[nn.Parameter]:
-    """Parameters that require grad: the (active) adapters, plus any ``trainable_modules``.
+    """Parameters that require grad: the active adapters' (``set_adapters``), plus any ``trainable_modules``.
 
     With ``name``: the parameters of that named adapter that train (``aurora_fx.named``), whether active or not.
 
@@ -57,7 +57,8 @@ def trainable_parameters(model: nn.Module, name: str | None = None) -> list[nn.P
         resolve_name(model, name)
         return [adapter.get_parameter(p) for _, gm, b in iter_bindings(model, name)
                 for _, adapter in gm.get_submodule(b.attr).units() if adapter.trains for p in adapter.adapter_params()]
-    params = [p for p in model.parameters() if p.requires_grad]
+    inactive = inactive_parameters(model)
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in inactive]
     if any(p.is_meta for p in params):
         raise ValueError("the model's trainable parameters are on the meta device (they hold no data), so they "
                          "cannot be trained; load real weights first (model.to_empty(device='cpu') then "

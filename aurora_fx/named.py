@@ -4,8 +4,9 @@
 methods may differ between names). A model with one name works exactly as before; with several, each adapted slot
 holds an ``AdapterSet`` (``aurora_fx.adapter_set``) and:
 
-* ``set_adapters(model, ["a", "b"])`` chooses the active names: their outputs add up (as in PEFT), and their
-  parameters are the ones that train. Switching writes buffers in place, so a compiled model does not recompile.
+* ``set_adapters(model, ["a", "b"])`` chooses the active names: their outputs add up (as in PEFT), and
+  ``trainable_parameters(model)`` lists their parameters (``requires_grad`` stays as it is: toggling it would make
+  a compiled model recompile). Switching writes buffers in place, so a compiled model does not recompile.
 * ``with adapter_rows(model, ids): model(...)`` runs row ``i`` of the batch with adapter ``ids[i]`` (a name, or
   None for the base alone), for forward, backward and ``generate`` alike; the rows override the active set.
   One gathered op per site over stacked factors (LoRA, AuroRA and AROMA alike): a row's loss reaches only its
@@ -34,7 +35,7 @@ from aurora_fx.model_state import model_state, update_model_state
 from aurora_fx.owners import iter_bindings, iter_owners
 
 __all__ = ["adapter_names", "set_adapters", "set_trainable", "adapter_rows", "resolve_name", "check_name",
-           "row_index", "sync_sets", "active_names", "DEFAULT"]
+           "row_index", "sync_sets", "active_names", "inactive_parameters", "DEFAULT"]
 
 DEFAULT = "default"
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -92,10 +93,11 @@ def sync_sets(model: nn.Module) -> None:
 
 
 def set_adapters(model: nn.Module, names: str | Sequence[str]) -> nn.Module:
-    """Make ``names`` the active adapters: their outputs add up, and their parameters train (others freeze).
+    """Make ``names`` the active adapters: their outputs add up, and ``trainable_parameters(model)`` lists theirs.
 
-    No module is rebuilt (the sets' ``gate`` buffers change in place), so ``torch.compile``d models do not
-    recompile.
+    No module is rebuilt and no ``requires_grad`` changes (the sets' ``gate`` buffers change in place), so
+    ``torch.compile``d models do not recompile. An inactive adapter gets no gradient eagerly (it does not run);
+    compiled, it runs gated by 0 and gets zeros, so build optimizers from ``trainable_parameters``.
 
     Example:
         >>> aurora_fx.set_adapters(model, ["support", "legal"])   # both, summed
@@ -111,17 +113,22 @@ def set_adapters(model: nn.Module, names: str | Sequence[str]) -> nn.Module:
         raise ValueError(f"unknown adapter name(s) {unknown}; the model holds {list(known)}")
     update_model_state(model, names=known, active=tuple(n for n in known if n in chosen))
     sync_sets(model)
-    set_trainable(model)
     return model
 
 
 def set_trainable(model: nn.Module) -> None:
-    """Adapter parameters require grad when their adapter trains and its name is active."""
-    active = set(active_names(model))
+    """Adapter parameters require grad when their adapter trains (whatever its name's state)."""
     for _, gm, b in iter_bindings(model):
         for _, adapter in gm.get_submodule(b.attr).units():
             for pname in adapter.adapter_params():
-                adapter.get_parameter(pname).requires_grad_(adapter.trains and b.name in active)
+                adapter.get_parameter(pname).requires_grad_(adapter.trains)
+
+
+def inactive_parameters(model: nn.Module) -> set[int]:
+    """``id``s of the parameters of adapters whose name is not active (``trainable_parameters`` leaves them out)."""
+    active = set(active_names(model))
+    return {id(p) for _, gm, b in iter_bindings(model) if b.name not in active
+            for p in gm.get_submodule(b.attr).parameters()}
 
 
 def row_index(model: nn.Module, ids: Sequence[str | None] | Tensor) -> Tensor:

@@ -19,7 +19,7 @@ from aurora_fx.attach import attach, rebuild_owner, resolve_trainable
 from aurora_fx.config import AdapterConfig
 from aurora_fx.fastpaths import guard_fast_paths, release_fast_paths
 from aurora_fx.model_state import clear_model_state, update_model_state
-from aurora_fx.named import DEFAULT, active_names, adapter_names, check_name, resolve_name, set_trainable, sync_sets
+from aurora_fx.named import DEFAULT, active_names, adapter_names, check_name, resolve_name, sync_sets
 from aurora_fx.owners import (
     OwnerState,
     WrappedOwner,
@@ -246,7 +246,6 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
     active = tuple(n for n in active_names(model) if n != name) or names[:1]
     update_model_state(model, names=names, active=active)
     sync_sets(model)
-    set_trainable(model)
     return model
 
 
