@@ -35,6 +35,7 @@ from torch import nn
 
 from aurora_fx.attach import attach
 from aurora_fx.export.dynamic_axes import dynamic_spec, reshaped, traceable
+from aurora_fx.export.rows import INDEX_INPUT, example_index, row_routed, routes_rows
 from aurora_fx.export.translation import (
     aurora_delta_add_onnx,
     aurora_linear_onnx,
@@ -235,6 +236,7 @@ def to_onnx(
     lossy: bool = False,
     external_data: bool | None = None,
     atol: float | None = None,
+    adapter_index: bool | None = None,
 ) -> ExportResult:
     """Export ``model`` (adapters baked in) to one ONNX file and check it in onnxruntime.
 
@@ -254,6 +256,9 @@ def to_onnx(
         external_data: Put weights in ``<path>.data``; default only above 2 GB.
         atol: Verification tolerance (max abs difference); default 1e-4, or 3e-2 for a model with
             bf16/fp16 parameters (half-precision rounding alone differs by ~4e-3 between runtimes).
+        adapter_index: Add the ``adapter_index`` input (int64 ``(batch,)``, indices into
+            ``aurora_fx.adapter_names(model)``, -1 for the base): each row runs its own named adapter
+            (``aurora_fx.export.rows``). Default: on for a model with several names.
 
     Returns:
         An ``ExportResult``.
@@ -269,6 +274,10 @@ def to_onnx(
     notes += exportable_experts(exported) + float_bases(exported)
     if merge:
         merge_adapters(exported, lossy=lossy)
+    if routes_rows(exported, None if merge else adapter_index):
+        batch = next(t for t in [*args, *kwargs.values()] if torch.is_tensor(t)).shape[0]
+        kwargs.setdefault(INDEX_INPUT, example_index(exported, batch))
+        exported = row_routed(exported).eval()
     outputs = _check_inputs(exported, args, kwargs)
     names = output_names(outputs, _input_names(exported))
     start = time.perf_counter()
