@@ -60,7 +60,9 @@ from aurora_fx.export.onnx import (
     float_bases,
     is_decoder,
 )
+from aurora_fx.export.rows import INDEX_INPUT, routes_rows
 from aurora_fx.export.serving_folder import write_serving_files
+from aurora_fx.named import adapter_names, adapter_rows
 
 __all__ = ["to_onnx_decoder", "OnnxGenerator", "DecoderSpec", "is_decoder", "position_ids"]
 
@@ -78,10 +80,12 @@ class DecoderSpec:
     dtype: str
     eos_token_id: list[int] | None
     pad_token_id: int | None
+    adapter_names: list[str] | None = None  # several named adapters: the graph takes an adapter_index input
 
     def input_names(self) -> list[str]:
         """The graph's inputs, in order."""
-        return ["input_ids", "attention_mask", "position_ids"] + self.cache_names("past_key_values")
+        index = [INDEX_INPUT] if self.adapter_names else []
+        return ["input_ids", "attention_mask", "position_ids"] + self.cache_names("past_key_values") + index
 
     def output_names(self) -> list[str]:
         """The graph's outputs, in order."""
@@ -120,18 +124,20 @@ class _Flat(nn.Module):
         super().__init__()
         self.model, self.layers, self.kwarg = model, layers, _cache_kwarg(model)
 
-    def forward(self, input_ids, attention_mask, position_ids, past: list[torch.Tensor]):
+    def forward(self, input_ids, attention_mask, position_ids, past: list[torch.Tensor], adapter_index=None):
         from transformers import DynamicCache
 
         cache = DynamicCache()
         for i in range(self.layers):
             cache.update(past[2 * i], past[2 * i + 1], i)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         use_cache=True, **{self.kwarg: cache})
+        routing = adapter_rows(self.model, adapter_index) if adapter_index is not None else contextlib.nullcontext()
+        with routing:
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=True, **{self.kwarg: cache})
         return (out.logits, *[t for kv in _layers(_returned_cache(out)) for t in kv])
 
 
-def _spec(model: nn.Module) -> DecoderSpec:
+def _spec(model: nn.Module, routed: bool | None = None) -> DecoderSpec:
     """Probe one forward with the cache on: layer count, kv heads and head size from its tensors."""
     ids = torch.ones(1, 2, dtype=torch.long)
     with torch.no_grad():
@@ -141,9 +147,10 @@ def _spec(model: nn.Module) -> DecoderSpec:
     gen = getattr(model, "generation_config", None) or model.config
     eos = getattr(gen, "eos_token_id", None)
     pad = getattr(gen, "pad_token_id", None)
+    names = list(adapter_names(model)) if routes_rows(model, routed) else None
     return DecoderSpec(len(layers), key.shape[1], key.shape[3], out.logits.shape[-1], str(key.dtype).split(".")[-1],
                        [eos] if isinstance(eos, int) else (list(eos) if eos is not None else None),
-                       pad if isinstance(pad, int) else None)
+                       pad if isinstance(pad, int) else None, names)
 
 
 def _example(spec: DecoderSpec, batch: int, seq: int, past: int, dtype: torch.dtype, vocab: int, seed: int = 0):
@@ -155,12 +162,15 @@ def _example(spec: DecoderSpec, batch: int, seq: int, past: int, dtype: torch.dt
     pos = position_ids(mask)[:, -seq:].contiguous()
     cache = [torch.randn(batch, spec.kv_heads, past, spec.head_dim, generator=gen).to(dtype)
              for _ in range(2 * spec.layers)]
+    if spec.adapter_names:  # rows cycle through the names and the base (-1)
+        return ids, mask, pos, cache, torch.arange(batch) % (len(spec.adapter_names) + 1) - 1
     return ids, mask, pos, cache
 
 
 def _export(flat: _Flat, spec: DecoderSpec, example) -> Any:
     dyn = torch.export.Dim.DYNAMIC
     shapes = ({0: dyn, 1: dyn}, {0: dyn, 1: dyn}, {0: dyn, 1: dyn}, [{0: dyn, 2: dyn}] * (2 * spec.layers))
+    shapes += ({0: dyn},) if spec.adapter_names else ()
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         program = torch.export.export(flat, example, dynamic_shapes=shapes, strict=False)
@@ -173,10 +183,11 @@ def _export(flat: _Flat, spec: DecoderSpec, example) -> Any:
 
 
 def _feeds(spec: DecoderSpec, example) -> dict[str, np.ndarray]:
-    ids, mask, pos, cache = example
+    ids, mask, pos, cache = example[:4]
+    index = {INDEX_INPUT: example[4].numpy()} if len(example) > 4 else {}
     return {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "position_ids": pos.numpy(),
             **{n: t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy()
-               for n, t in zip(spec.cache_names("past_key_values"), cache, strict=True)}}
+               for n, t in zip(spec.cache_names("past_key_values"), cache, strict=True)}, **index}
 
 
 def _verify(flat: _Flat, spec: DecoderSpec, path: Path, dtype: torch.dtype, atol: float, weights=None):
@@ -211,7 +222,8 @@ def _masked_diff(got: np.ndarray, expected: np.ndarray, mask: np.ndarray, is_cac
 
 
 def to_onnx_decoder(model: nn.Module, path: str | os.PathLike, *, verify: bool = True, swappable: bool = False,
-                    atol: float | None = None, tokenizer: Any = None) -> ExportResult:
+                    atol: float | None = None, tokenizer: Any = None, adapter_index: bool | None = None
+                    ) -> ExportResult:
     """Export an HF causal LM with its KV cache as inputs and outputs, in a serving folder (module docstring).
 
     Args:
@@ -222,6 +234,10 @@ def to_onnx_decoder(model: nn.Module, path: str | os.PathLike, *, verify: bool =
         swappable: Adapter weights as overridable inputs with zero defaults (``to_onnx_swappable``).
         atol: Verification tolerance (default 1e-4; 3e-2 for bf16/fp16 models).
         tokenizer: An HF tokenizer whose files are saved into the folder too.
+        adapter_index: Add an ``adapter_index`` input (int64 ``(batch,)``, indices into the spec's
+            ``adapter_names``, -1 for the base) so each row decodes with its own named adapter
+            (``aurora_fx.export.rows``; ``OnnxGenerator.generate(adapter_index=...)``). Default: on for a model with
+            several names.
 
     Returns:
         An ``ExportResult``; ``max_abs_diff`` is keyed by (batch, seq, past); ``files`` are the folder files.
@@ -231,7 +247,7 @@ def to_onnx_decoder(model: nn.Module, path: str | os.PathLike, *, verify: bool =
                          f"config.use_cache); export it with aurora_fx.export.to_onnx")
     exported = copy.deepcopy(model).eval()
     notes = exportable_experts(exported) + float_bases(exported)
-    spec = _spec(exported)
+    spec = _spec(exported, adapter_index)
     dtype = next(exported.parameters()).dtype
     flat = _Flat(exported, spec.layers).eval()
     start = time.perf_counter()
@@ -302,20 +318,38 @@ class OnnxGenerator:
             raise ValueError(f"{str(path)!r} is not a to_onnx_decoder graph (no {_META!r} metadata)")
         self.spec = DecoderSpec(**json.loads(meta[_META]))
 
-    def step(self, input_ids, attention_mask, position_ids, cache) -> tuple[np.ndarray, list[np.ndarray]]:
+    def step(self, input_ids, attention_mask, position_ids, cache, adapter_index=None
+             ) -> tuple[np.ndarray, list[np.ndarray]]:
         """One forward: logits and the new cache (numpy arrays)."""
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
                  **dict(zip(self.spec.cache_names("past_key_values"), cache, strict=True))}
+        if self.spec.adapter_names:
+            feeds[INDEX_INPUT] = self._index(adapter_index, input_ids.shape[0])
         out = self.session.run(feeds, adapter=self.adapter)
         return out[0], out[1:]
 
+    def _index(self, adapter_index, batch: int) -> np.ndarray:
+        """The per-row adapter index: names (None for the base) or integers; required by a routed graph."""
+        names = self.spec.adapter_names
+        if adapter_index is None:
+            raise ValueError(f"this graph serves the named adapters {names}: pass adapter_index=[...] (a name, or "
+                             f"None for the base, per row)")
+        index = [(-1 if i is None else names.index(i)) if not isinstance(i, (int, np.integer)) else int(i)
+                 for i in (adapter_index.tolist() if hasattr(adapter_index, "tolist") else adapter_index)]
+        if len(index) != batch or any(not -1 <= i < len(names) for i in index):
+            raise ValueError(f"adapter_index {list(adapter_index)} must give each of the {batch} rows a name of "
+                             f"{names}, None, or an index in [-1, {len(names) - 1}]")
+        return np.asarray(index, dtype=np.int64)
+
     def generate(self, input_ids, attention_mask=None, *, max_new_tokens: int = 20, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int | None = None, seed: int = 0,
-                 return_logits: bool = False):
+                 return_logits: bool = False, adapter_index=None):
         """Generate like HF ``generate``.
 
         It stops at ``max_new_tokens`` or when every row has ended (EOS), padding ended rows with
-        the pad token.
+        the pad token. A graph with an ``adapter_index`` input takes one entry per row: a name of
+        ``spec.adapter_names``, None for the base, or its index (HF's counterpart:
+        ``with aurora_fx.adapter_rows(model, names): model.generate(...)``).
 
         Returns:
             ``(batch, prompt + new)`` int64 tokens (a torch tensor), and the per-step last-position
@@ -335,7 +369,7 @@ class OnnxGenerator:
         tokens, step_ids, logits_seen = ids, ids, []
         for _ in range(max_new_tokens):
             pos = position_ids(torch.from_numpy(mask)).numpy()[:, -step_ids.shape[1]:]
-            logits, cache = self.step(step_ids, mask, pos, cache)
+            logits, cache = self.step(step_ids, mask, pos, cache, adapter_index)
             last = logits[:, -1].astype(np.float32)
             logits_seen.append(last)
             new = _pick(last, do_sample, temperature, top_k, rng)
