@@ -59,6 +59,7 @@ from aurora_fx.export.onnx import (
     exportable_experts,
     float_bases,
     is_decoder,
+    strip_prefix,
 )
 from aurora_fx.export.rows import INDEX_INPUT, routes_rows
 from aurora_fx.export.serving_folder import write_serving_files
@@ -254,7 +255,7 @@ def to_onnx_decoder(model: nn.Module, path: str | os.PathLike, *, verify: bool =
     program = _export(flat, spec, _example(spec, 2, 5, 3, dtype, spec.vocab))
     seconds = time.perf_counter() - start
     proto = program.model_proto
-    _strip_prefix(proto, "model.")  # parameter names as in the model itself (adapter files match them)
+    strip_prefix(proto, "model.")  # parameter names as in the model itself (adapter files match them)
     onnx.helper.set_model_props(proto, {_META: json.dumps(asdict(spec))})
     weights = None
     if swappable:
@@ -272,17 +273,6 @@ def to_onnx_decoder(model: nn.Module, path: str | os.PathLike, *, verify: bool =
                         op_counts=_op_counts(proto),
                         adapter_nodes=sum(any(m in n.name for m in ADAPTER_NODE_MARKS) for n in proto.graph.node),
                         notes=notes, files=files)
-
-
-def _strip_prefix(proto: onnx.ModelProto, prefix: str) -> None:
-    """Rename the initializers ``<prefix>name`` to ``name``, and every use of them."""
-    renamed = {i.name: i.name[len(prefix):] for i in proto.graph.initializer if i.name.startswith(prefix)}
-    for init in proto.graph.initializer:
-        init.name = renamed.get(init.name, init.name)
-    for node in proto.graph.node:
-        node.input[:] = [renamed.get(n, n) for n in node.input]
-    for value in proto.graph.value_info:
-        value.name = renamed.get(value.name, value.name)
 
 
 @dataclass

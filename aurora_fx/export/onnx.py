@@ -35,7 +35,7 @@ from torch import nn
 
 from aurora_fx.attach import attach
 from aurora_fx.export.dynamic_axes import dynamic_spec, reshaped, traceable
-from aurora_fx.export.rows import INDEX_INPUT, example_index, row_routed, routes_rows
+from aurora_fx.export.rows import INDEX_INPUT, RowRouted, example_index, row_routed, routes_rows
 from aurora_fx.export.translation import (
     aurora_delta_add_onnx,
     aurora_linear_onnx,
@@ -51,7 +51,7 @@ from aurora_fx.surgery import merge as merge_adapters
 from aurora_fx.tracing import get_submodule
 
 __all__ = ["to_onnx", "ExportResult", "ExportVerificationError", "run_onnx", "flatten_outputs", "output_names",
-           "is_decoder", "exportable_experts", "float_bases", "explain_conversion_error"]
+           "is_decoder", "exportable_experts", "float_bases", "explain_conversion_error", "strip_prefix"]
 
 TWO_GB = 2 * 1024**3
 TRANSLATIONS = {FUSED_OP: aurora_delta_add_onnx, FUSED_LORA_OP: lora_delta_add_onnx,
@@ -283,6 +283,8 @@ def to_onnx(
     start = time.perf_counter()
     program = _export(exported, args, kwargs, dynamic, names)
     seconds = time.perf_counter() - start
+    if isinstance(exported, RowRouted):  # parameter names as in the model itself (adapter files match them)
+        strip_prefix(program.model_proto, "model.")
     size = _write(program, target, external_data)
     proto = onnx.load(str(target), load_external_data=False)
     input_names = [i.name for i in proto.graph.input]
@@ -292,6 +294,17 @@ def to_onnx(
         dynamic_axes=dynamic_spec(args, kwargs)[1] if dynamic else {}, max_abs_diff=diffs, seconds=seconds,
         bytes=size, op_counts=dict(Counter(n.op_type for n in proto.graph.node)),
         adapter_nodes=sum(any(m in n.name for m in ADAPTER_NODE_MARKS) for n in proto.graph.node), notes=notes)
+
+
+def strip_prefix(proto: onnx.ModelProto, prefix: str) -> None:
+    """Rename the initializers ``<prefix>name`` to ``name``, and every use of them."""
+    renamed = {i.name: i.name[len(prefix):] for i in proto.graph.initializer if i.name.startswith(prefix)}
+    for init in proto.graph.initializer:
+        init.name = renamed.get(init.name, init.name)
+    for node in proto.graph.node:
+        node.input[:] = [renamed.get(n, n) for n in node.input]
+    for value in proto.graph.value_info:
+        value.name = renamed.get(value.name, value.name)
 
 
 def is_decoder(model: nn.Module) -> bool:

@@ -15,6 +15,12 @@ Example:
 
 All fine-tunes must share the sites, methods and ranks of the exported structure (AROMA's grown
 rank may differ: its U/V inputs have a symbolic width).
+
+**Named slots.** A graph exported from a model with several named adapters (``aurora_fx.named``) has one slot per
+name (inputs ``<site>.adapter.<name>.A``, ...) and an ``adapter_index`` input. ``save_adapter_weights(model, path,
+slot="b")`` writes a fine-tune's adapter (the model's only one, or ``name=``) keyed for slot ``b``, so a fine-tune
+trained alone fills any slot of the same structure; ``SwappableSession.run(feeds, adapter=[file_a, file_b])``
+activates several files at once (one per slot), and each row runs the slot its index names.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ from torch import nn
 
 from aurora_fx.atomic import atomic_path
 from aurora_fx.export.onnx import ExportResult, to_onnx
+from aurora_fx.named import check_name, resolve_name
+from aurora_fx.owners import iter_bindings
 from aurora_fx.registry import is_registered_adapter
 
 __all__ = ["to_onnx_swappable", "save_adapter_weights", "adapter_tensors", "make_overridable", "SwappableSession",
@@ -48,9 +56,24 @@ def _stored(model: nn.Module):
                 yield f"{path}.{name}", t, module.variable_width.get(name)
 
 
-def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Adapter tensors of ``model`` by their fully qualified names (the ONNX input names)."""
-    return {name: t.detach() for name, t, _ in _stored(model)}
+def adapter_tensors(model: nn.Module, name: str | None = None, slot: str | None = None) -> dict[str, torch.Tensor]:
+    """Adapter tensors of ``model`` by their fully qualified names (the ONNX input names).
+
+    Args:
+        model: An adapted model.
+        name: Only the adapter of this name (``aurora_fx.named``); None: every adapter, unless ``slot`` is given.
+        slot: Key the tensors for this named slot of a graph with several names (``<site>.adapter.<slot>.A``),
+            whatever the adapter is called in ``model`` (then ``name`` may be left out for a one-name model).
+    """
+    if name is None and slot is None:
+        return {key: t.detach() for key, t, _ in _stored(model)}
+    name = resolve_name(model, name)
+    out = {}
+    for owner, gm, b in iter_bindings(model, name):
+        target = f"{b.slot}.{check_name(slot)}" if slot is not None else b.attr
+        for tensor_name, t in gm.get_submodule(b.attr).stored_tensors().items():
+            out[".".join(p for p in (owner, target, tensor_name) if p)] = t.detach()
+    return out
 
 
 def _make_overridable(proto: onnx.ModelProto, names: dict[str, int | None]) -> list[str]:
@@ -114,11 +137,16 @@ def _verify(model: nn.Module, path: Path, args: tuple | None, kwargs: dict | Non
         raise ExportVerificationError(f"swappable graph with the model's own adapter weights differs by {diff:.3g}")
 
 
-def save_adapter_weights(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write ``model``'s adapter tensors as an onnxruntime adapter file (``.onnx_adapter``), atomically."""
+def save_adapter_weights(model: nn.Module, path: str | os.PathLike, *, name: str | None = None,
+                         slot: str | None = None) -> Path:
+    """Write ``model``'s adapter tensors as an onnxruntime adapter file (``.onnx_adapter``), atomically.
+
+    ``name`` picks one named adapter; ``slot`` keys the file for that slot of a graph with several names
+    (see the module docstring).
+    """
     import onnxruntime as ort
 
-    tensors = adapter_tensors(model)
+    tensors = adapter_tensors(model, name, slot)
     if not tensors:
         raise ValueError("the model has no adapters to save; call aurora_fx.apply(model, ...) first")
     fmt = ort.AdapterFormat()
@@ -149,9 +177,10 @@ class SwappableSession:
         self.data_inputs = [n for n in names if ADAPTER_MARK not in n]
         self._adapters: dict[str, Any] = {}
 
-    def run(self, feeds: dict[str, Any], adapter: str | os.PathLike | None = None,
+    def run(self, feeds: dict[str, Any], adapter: str | os.PathLike | list | None = None,
             weights: dict[str, torch.Tensor] | None = None) -> list[np.ndarray]:
-        """Run with an adapter file (``add_active_adapter``), plain weight tensors, or neither (the base)."""
+        """Run with adapter files (``add_active_adapter``; a list fills several slots), plain weight tensors, or
+        neither (the base)."""
         import onnxruntime as ort
 
         inputs = {k: (v.numpy() if torch.is_tensor(v) else np.asarray(v)) for k, v in feeds.items()
@@ -159,8 +188,7 @@ class SwappableSession:
         if weights is not None:
             inputs.update({k: v.float().contiguous().numpy() for k, v in weights.items()})
         options = ort.RunOptions()
-        if adapter is not None:
-            key = str(adapter)
+        for key in [] if adapter is None else [str(a) for a in (adapter if isinstance(adapter, list) else [adapter])]:
             if key not in self._adapters:
                 loaded = ort.LoraAdapter()
                 loaded.Load(key)  # memory-maps the file
