@@ -28,6 +28,7 @@ SEQ2SEQ = ("tests/export/test_seq2seq.py",)
 SYNC = ("tests/test_fsdp.py::test_aroma_decisions_stay_identical_when_only_the_controller_syncs",)
 MIXED = ("tests/test_activation_checkpointing.py",)
 EXPERTS = ("tests/test_experts.py",)
+NAMED = ("tests/test_named_adapters.py",)
 QUANT = ("tests/test_quantized.py",)
 
 MUTANTS: list[Mutant] = [
@@ -254,4 +255,23 @@ MUTANTS: list[Mutant] = [
     Mutant("mha-out-adapter-dropped", "aurora_fx/mha_sites.py",
            "        return (out + out_adapter(attn).to(out.dtype) if out_adapter is not None else out), weights",
            "        return out, weights", ("tests/test_mha_sites.py",), "the MHA's out_proj adapter never added"),
+    # -- named adapters (issue 33)
+    Mutant("named-spline-sum-unmasked", "aurora_fx/adapter_set.py",
+           "summed = (basis * used[k].to(sd)[:, None, :, None]).sum(-2)", "summed = basis.sum(-2)", NAMED,
+           "padded ranks (and LoRA rows) add basis(0) to AuroRA's spline sum in a mixed batch"),
+    Mutant("named-gate-ignored", "aurora_fx/adapter_set.py",
+           "return sum(self.gate[i] * a(x) for i, a in enumerate(adapters))",
+           "return sum(a(x) for i, a in enumerate(adapters))", NAMED, "a compiled model runs every name, active or not"),
+    Mutant("named-rows-not-masked", "aurora_fx/adapter_set.py",
+           "    out = out * (local >= 0).to(out.dtype).view(-1, 1, 1)\n", "", NAMED,
+           "a row routed to no adapter (-1) gets the first adapter"),
+    Mutant("named-lookup-identity", "aurora_fx/adapter_set.py",
+           "local = [self.names.index(n) if n in self.names else -1 for n in model_names]",
+           "local = list(range(len(model_names)))", NAMED,
+           "a site holding only some names routes rows by the model's index, not its own"),
+    Mutant("named-lora-pad-scale", "aurora_fx/checkpoint.py",
+           "b[:, :r] = given[\"B\"] * (entry.config.scale / adapter.config.scale)", "b[:, :r] = given[\"B\"]", NAMED,
+           "a smaller LoRA loaded into a slot keeps the slot's scale"),
+    Mutant("named-rows-never-reset", "aurora_fx/named.py",
+           "            s.rows = old\n", "            pass\n", NAMED, "adapter_rows outlives its block"),
 ]
