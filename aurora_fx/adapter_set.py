@@ -10,7 +10,8 @@ inlining (or fusing) one adapter. The set computes, in this order:
   applied once, this is one gathered computation over stacked, rank-padded factors: ``z = A[rows]·x``,
   ``g(z)`` (identity for LoRA/AROMA rows, the ANL with each row's own ``H``/``Ws`` for AuroRA rows; padded ranks
   masked out of the spline sum), ``B[rows]·g(z)``. No Python loop over adapters; gradients reach each adapter
-  from its own rows only. Otherwise (another method, AuroRA adapters with different spline grids, different
+  from its own rows only. Without autograd (serving) the stacked factors are cached until a tensor of the set
+  changes (its version counter moves). Otherwise (another method, AuroRA adapters with different spline grids, different
   active dropouts in training) each adapter runs on the batch and its output is masked to its rows.
 * **active names** (``aurora_fx.set_adapters``): the sum of the active adapters' outputs. Eagerly only the
   active ones run; under ``torch.compile``/``torch.export`` every adapter runs, weighted by the ``gate`` buffer
@@ -22,6 +23,8 @@ The first dimension of a site's input is taken as the batch row (true of every `
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -30,7 +33,7 @@ from aurora_fx import functional as AF
 from aurora_fx.methods.base import RowForm
 from aurora_fx.ops.dropout import InputDropout
 
-__all__ = ["AdapterSet", "is_adapter_set"]
+__all__ = ["AdapterSet", "Stacked", "stack_forms", "is_adapter_set"]
 
 
 class AdapterSet(nn.Module):
@@ -58,6 +61,7 @@ class AdapterSet(nn.Module):
         self.register_buffer("lookup", torch.zeros(0, dtype=torch.int64), persistent=False)
         self.active: tuple[str, ...] = tuple(adapters)
         self.rows: Tensor | None = None
+        self._cache: tuple[tuple, Stacked] | None = None
         self.set_names(names)
 
     # -- names ----------------------------------------------------------------------------------
@@ -106,20 +110,30 @@ class AdapterSet(nn.Module):
         return torch.where(rows >= 0, self.lookup[rows.clamp(min=0)], -1)
 
     def _rows_delta(self, x: Tensor, local: Tensor) -> Tensor:
+        key = self._cache_key()
+        if key is not None and self._cache is not None and self._cache[0] == key:
+            return _gathered_delta(x, local, self._cache[1], 0.0)
         forms = self._row_forms()
         if forms is None:
             return self._masked_delta(x, local)
-        return _gathered_delta(x, local, forms, self._shared_dropout(forms))
+        stacked = stack_forms(forms)
+        if key is not None:
+            self._cache = (key, stacked)
+        return _gathered_delta(x, local, stacked, self._shared_dropout(forms))
+
+    def _cache_key(self) -> tuple | None:
+        """Serving (eval, no autograd, not traced): the stacked factors are reused until a tensor of the set changes
+        (its identity or its version counter); None otherwise."""
+        if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.compiler.is_exporting():
+            return None
+        return tuple((id(t), t._version) for t in (*self.parameters(), *self.buffers()))
 
     def _row_forms(self) -> list[RowForm] | None:
         forms = [getattr(a, "row_form", lambda: None)() for a in self._modules.values()]
         if any(f is None for f in forms):
             return None
-        knots = [f.knots for f in forms if f.H is not None]
-        if knots and any(k.shape != knots[0].shape or not torch.equal(k, knots[0]) for k in knots[1:]):
+        if len({f.grid for f in forms if f.H is not None}) > 1:
             return None  # AuroRA adapters on different spline grids: no shared basis
-        if len({f.order for f in forms if f.H is not None}) > 1:
-            return None
         if self.training and len({f.dropout for f in forms}) > 1:
             return None
         return forms
@@ -147,42 +161,68 @@ def _stack(tensors: list[Tensor], rank: int, dims: tuple[int, ...]) -> Tensor:
     return torch.stack(padded)
 
 
-def _gathered_delta(x: Tensor, local: Tensor, forms: list[RowForm], dropout: float) -> Tensor:
-    """Row ``i``: ``B_k·g_k(A_k·drop(x_i))`` with ``k = local[i]`` (0 where ``k = -1``), over stacked factors."""
+@dataclass(frozen=True)
+class Stacked:
+    """The row forms of a set, rank-padded and stacked (index ``k`` is the set's ``k``-th adapter).
+
+    ``a`` ``(N, R, d_in)``, ``b`` ``(N, d_out, R)`` (scale folded in); for sets with AuroRA members also ``h``
+    ``(N, R, R)``, ``ws`` ``(N, R, G+K)``, ``linear`` ``(N,)`` (1 for identity-code rows) and ``used`` ``(N, R)``
+    (the ranks that enter the spline sum: an AuroRA adapter's real ones), with the shared ``knots`` and ``order``.
+    """
+
+    a: Tensor
+    b: Tensor
+    h: Tensor | None = None
+    ws: Tensor | None = None
+    linear: Tensor | None = None
+    used: Tensor | None = None
+    knots: Tensor | None = None
+    order: int = 3
+
+
+def stack_forms(forms: list[RowForm]) -> Stacked:
+    """``Stacked`` factors of ``forms`` (differentiable: gradients reach each adapter's own tensors)."""
     dtype = forms[0].A.dtype
     rank = max(f.A.shape[0] for f in forms)
-    a = _stack([f.A.to(dtype) for f in forms], rank, (0,))  # (N, R, d_in)
-    b = _stack([f.B.to(dtype) for f in forms], rank, (1,))  # (N, d_out, R)
+    a = _stack([f.A.to(dtype) for f in forms], rank, (0,))
+    b = _stack([f.B.to(dtype) for f in forms], rank, (1,))
+    nonlinear = [f for f in forms if f.H is not None]
+    if not nonlinear:
+        return Stacked(a, b)
+    ref, device = nonlinear[0], a.device
+    empty_h = torch.zeros(0, 0, dtype=dtype, device=device)
+    empty_ws = torch.zeros(0, ref.Ws.shape[1], dtype=dtype, device=device)
+    h = _stack([f.H.to(dtype) if f.H is not None else empty_h for f in forms], rank, (0, 1))
+    ws = _stack([f.Ws.to(dtype) if f.Ws is not None else empty_ws for f in forms], rank, (0,))
+    linear = torch.tensor([float(f.H is None) for f in forms], dtype=dtype, device=device)
+    used = torch.stack([(torch.arange(rank, device=device) < f.A.shape[0]) & (f.H is not None) for f in forms])
+    return Stacked(a, b, h, ws, linear, used, ref.knots, ref.order)
+
+
+def _gathered_delta(x: Tensor, local: Tensor, stacked: Stacked, dropout: float) -> Tensor:
+    """Row ``i``: ``B_k·g_k(A_k·drop(x_i))`` with ``k = local[i]`` (0 where ``k = -1``), over stacked factors."""
     k = local.clamp(min=0)
     lead = x.shape[:-1]
-    xs = x.to(dtype).reshape(x.shape[0], -1, x.shape[-1])  # (n, L, d_in)
+    xs = x.to(stacked.a.dtype).reshape(x.shape[0], -1, x.shape[-1])  # (n, L, d_in)
     if dropout > 0:
         xs = InputDropout(dropout)(xs)
-    z = torch.bmm(xs, a[k].transpose(1, 2))  # (n, L, R)
-    code = _code(z, k, forms, rank)
-    out = torch.bmm(code, b[k].transpose(1, 2))  # (n, L, d_out)
+    z = torch.bmm(xs, stacked.a[k].transpose(1, 2))  # (n, L, R)
+    code = _code(z, k, stacked)
+    out = torch.bmm(code, stacked.b[k].transpose(1, 2))  # (n, L, d_out)
     out = out * (local >= 0).to(out.dtype).view(-1, 1, 1)
     return out.reshape(*lead, out.shape[-1])
 
 
-def _code(z: Tensor, k: Tensor, forms: list[RowForm], rank: int) -> Tensor:
+def _code(z: Tensor, k: Tensor, s: Stacked) -> Tensor:
     """``g_k(z)`` per row: the identity for linear forms, the ANL (padded ranks masked) for AuroRA ones."""
-    nonlinear = [f for f in forms if f.H is not None]
-    if not nonlinear:
+    if s.h is None:
         return z
-    ref = nonlinear[0]
-    linear = torch.tensor([float(f.H is None) for f in forms], dtype=z.dtype, device=z.device)
-    zeros = [torch.zeros(0, 0, dtype=z.dtype, device=z.device), torch.zeros(0, ref.Ws.shape[1], dtype=z.dtype,
-                                                                             device=z.device)]
-    h = _stack([f.H.to(z.dtype) if f.H is not None else zeros[0] for f in forms], rank, (0, 1))  # (N, R, R)
-    ws = _stack([f.Ws.to(z.dtype) if f.Ws is not None else zeros[1] for f in forms], rank, (0,))  # (N, R, G+K)
-    used = torch.stack([(torch.arange(rank, device=z.device) < f.A.shape[0]) & (f.H is not None) for f in forms])
-    fixed = torch.tanh(torch.bmm(torch.tanh(z), h[k].transpose(1, 2)))  # (n, L, R); 0 on linear rows (H = 0)
+    fixed = torch.tanh(torch.bmm(torch.tanh(z), s.h[k].transpose(1, 2)))  # (n, L, R); 0 on linear rows (H = 0)
     sd = AF.spline_dtype(z.dtype)
-    basis = AF.bspline_basis(z.to(sd), ref.knots, ref.order)  # (n, L, R, G+K)
-    summed = (basis * used[k].to(sd)[:, None, :, None]).sum(-2)  # (n, L, G+K): real ranks of AuroRA rows only
-    learnable = torch.bmm(summed, ws[k].to(sd).transpose(1, 2)).to(z.dtype)  # (n, L, R)
-    return z * linear[k].view(-1, 1, 1) + fixed + learnable
+    basis = AF.bspline_basis(z.to(sd), s.knots, s.order)  # (n, L, R, G+K)
+    summed = (basis * s.used[k].to(sd)[:, None, :, None]).sum(-2)  # (n, L, G+K): real ranks of AuroRA rows only
+    learnable = torch.bmm(summed, s.ws[k].to(sd).transpose(1, 2)).to(z.dtype)  # (n, L, R)
+    return z * s.linear[k].view(-1, 1, 1) + fixed + learnable
 
 
 def is_adapter_set(module: object) -> bool:

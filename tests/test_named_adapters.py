@@ -95,10 +95,23 @@ def test_rows_are_one_gathered_op_and_equal_each_adapter_masked(monkeypatch):
         gathered = hidden(model, IDS)
     assert calls["masked"] == 0
     monkeypatch.setattr(AdapterSet, "_row_forms", lambda self: None)
+    monkeypatch.setattr(AdapterSet, "_cache_key", lambda self: None)  # (no serving cache either)
     with aurora_fx.adapter_rows(model, rows):
         fallback = hidden(model, IDS)
     assert calls["masked"] > 0
     assert (gathered - fallback).abs().max() <= 1e-10
+
+
+def test_the_serving_cache_follows_in_place_weight_changes():
+    model = two_named()
+    rows = ["b", "default", "c", "b", None]
+    for scale in (1.0, -2.0):
+        with torch.no_grad():
+            for p in aurora_fx.trainable_parameters(model, name="b"):
+                p.mul_(scale)
+        with aurora_fx.adapter_rows(model, rows):
+            out = hidden(model, IDS)  # (eval, no grad: the cached stack is used from the second call on)
+        assert (out[:1] - reference(model, ["b"], IDS[:1])).abs().max() <= 1e-10
 
 
 def test_padded_ranks_do_not_enter_the_spline_sum():
@@ -380,7 +393,7 @@ def test_the_gathered_path_handles_a_two_dimensional_input():
     x = torch.randn(3, 16, dtype=torch.float64)
     lora = aurora_fx.registry.build_adapter(aurora_fx.LoraConfig(rank=3), 16, 8, dtype=torch.float64)
     lora.B.data.normal_()
-    forms = [lora.row_form()]
-    out = adapter_set._gathered_delta(x, torch.tensor([0, -1, 0]), forms, 0.0)
+    stacked = adapter_set.stack_forms([lora.row_form()])
+    out = adapter_set._gathered_delta(x, torch.tensor([0, -1, 0]), stacked, 0.0)
     assert out.shape == (3, 8) and torch.equal(out[1], torch.zeros(8, dtype=torch.float64))
     assert (out[0] - lora.oracle_delta(x[0])).abs().max() <= 1e-12

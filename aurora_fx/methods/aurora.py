@@ -98,7 +98,9 @@ class AuroraAdapter(AdapterBase):
 
     def row_form(self) -> RowForm:
         """``A``, ``s·B`` and the ANL's ``H``, ``Ws`` and knots."""
-        return RowForm(self.A, self.B * self.scale, self.config.dropout, self.H, self.Ws, self.knots, self.order)
+        cfg = self.config
+        grid = (cfg.grid_size, cfg.spline_order, tuple(cfg.grid_range))
+        return RowForm(self.A, self.B * self.scale, cfg.dropout, self.H, self.Ws, self.knots, self.order, grid)
 
     def oracle_delta(self, x: Tensor) -> Tensor:
         """``s·B·σ(A·x)`` from the oracle, with knots rebuilt from the config."""

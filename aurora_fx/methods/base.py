@@ -73,8 +73,9 @@ class RowForm:
     """An update as ``Δ(x) = B·g(A·drop(x))``, the scale folded into B (live tensors: gradients flow through).
 
     ``g`` is the identity when ``H`` is None (LoRA, AROMA), else AuroRA's ANL ``σ(z) = tanh(H·tanh z) + Ws·S(z)``
-    with ``knots`` and ``order``. ``dropout`` is the input dropout of every rank (an adapter whose ranks drop out
-    differently has no row form while its dropout is active).
+    with ``knots`` and ``order`` (``grid``: a hashable key of the knot vector; forms stack only on one grid).
+    ``dropout`` is the input dropout of every rank (an adapter whose ranks drop out differently has no row form
+    while its dropout is active).
     """
 
     A: Tensor
@@ -84,6 +85,7 @@ class RowForm:
     Ws: Tensor | None = None
     knots: Tensor | None = None
     order: int = 3
+    grid: tuple | None = None
 
 
 def kaiming_uniform_(t: Tensor, generator: torch.Generator | None = None) -> None:

@@ -272,6 +272,10 @@ MUTANTS: list[Mutant] = [
     Mutant("named-lora-pad-scale", "aurora_fx/checkpoint.py",
            "b[:, :r] = given[\"B\"] * (entry.config.scale / adapter.config.scale)", "b[:, :r] = given[\"B\"]", NAMED,
            "a smaller LoRA loaded into a slot keeps the slot's scale"),
+    Mutant("named-cache-ignores-versions", "aurora_fx/adapter_set.py",
+           "return tuple((id(t), t._version) for t in (*self.parameters(), *self.buffers()))",
+           "return tuple(id(t) for t in (*self.parameters(), *self.buffers()))", NAMED,
+           "the serving cache keeps stale factors after an in-place weight change"),
     Mutant("named-rows-never-reset", "aurora_fx/named.py",
            "            s.rows = old\n", "            pass\n", NAMED, "adapter_rows outlives its block"),
 ]
