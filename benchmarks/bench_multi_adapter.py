@@ -193,7 +193,7 @@ def main() -> None:
     print(report(f"1. MiniLM-L6 forward, batch {size['batch']}, seq {size['seq']}, q/v", encoder))
     with tempfile.TemporaryDirectory() as tmp:
         variants, info = decoder_variants(llama_named(args.quick), Path(tmp))
-        dec_times = interleaved(variants, repeats=repeats * 2)
+        dec_times = interleaved(variants, repeats=repeats * 10)  # (ms-scale steps: many rounds)
     decoder = {**summarize(dec_times, [("torch_mixed8", "torch_one"), ("ort_mixed8", "ort_one"),
                                        ("ort_one", "torch_one")]), **info}
     print(report(f"2. Llama decode step, batch {DECODER['batch']}, past {DECODER['past']}, 8 AuroRA adapters",

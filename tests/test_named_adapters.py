@@ -163,6 +163,30 @@ def test_save_and_load_per_name_round_trip(tmp_path):
         aurora_fx.save_adapters(model, tmp_path / "any")
 
 
+def test_to_peft_and_merge_take_one_name(tmp_path):
+    """A name written as a PEFT folder loads in real PEFT with that name's function; merging one name keeps the
+    others on the changed base."""
+    from peft import PeftModel
+
+    model = two_named(torch.float32)
+    aurora_fx.export.to_peft(model, tmp_path / "c", name="c")
+    base = bert().eval()
+    base.load_state_dict({k: v for k, v in model.state_dict().items() if ".adapter" not in k
+                          and "aurora_fx" not in k})
+    peft_model = PeftModel.from_pretrained(base, tmp_path / "c").eval()
+    aurora_fx.set_adapters(model, "c")
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(input_ids=IDS).last_hidden_state, hidden(model, IDS), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="pass name="):
+        aurora_fx.export.to_peft(model, tmp_path / "any")
+    aurora_fx.set_adapters(model, ["default", "c"])
+    expected = hidden(model, IDS)
+    aurora_fx.merge(model, name="default")  # folded into the base, then deleted
+    assert aurora_fx.adapter_names(model) == ("b", "c")
+    aurora_fx.set_adapters(model, "c")
+    torch.testing.assert_close(hidden(model, IDS), expected, rtol=0, atol=1e-5)
+
+
 def test_a_one_adapter_file_is_unchanged_and_loads_beside_other_names(tmp_path):
     single = bert().eval()
     aurora_fx.apply(single, "query|value", method="lora")

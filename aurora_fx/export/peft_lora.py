@@ -39,6 +39,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -57,6 +58,7 @@ from aurora_fx.atomic import atomic_write_bytes
 from aurora_fx.distributed import full, model_class
 from aurora_fx.methods.base import LoraFactors
 from aurora_fx.model_state import model_state
+from aurora_fx.named import active_names, adapter_names, resolve_name, set_adapters
 from aurora_fx.owners import iter_bindings
 from aurora_fx.passes.check import check_export
 from aurora_fx.records import format_table
@@ -151,6 +153,20 @@ def _reduced_rank_fit(stats: _Stats, rank: int, bias: bool) -> tuple[torch.Tenso
     return lora_a, lora_b, c
 
 
+@contextlib.contextmanager
+def _only(model: nn.Module, name: str | None):
+    """``name`` alone active inside the block (a model with several names), the active set restored after."""
+    before = active_names(model)
+    several = len(adapter_names(model)) > 1
+    if several:
+        set_adapters(model, name)
+    try:
+        yield
+    finally:
+        if several:
+            set_adapters(model, before)
+
+
 def _collect(model: nn.Module, bindings, calibration: Iterable) -> dict[str, tuple[_Stats, _Stats]]:
     """Run the calibration batches with forward pre-hooks on the sites' owners: (fit, held-out) stats."""
     stats = {b.site: (_Stats.empty(a.in_features, a.out_features), _Stats.empty(a.in_features, a.out_features))
@@ -214,9 +230,9 @@ def _default_mode(adapters) -> str:
     return "exact"
 
 
-def _bindings(model: nn.Module):
+def _bindings(model: nn.Module, name: str | None = None):
     out = []
-    for owner, gm, b in iter_bindings(model):
+    for owner, gm, b in iter_bindings(model, name):
         reason = None if b.kind == "expert" else check_export(b.kind, "PEFT LoRA")
         if reason:
             raise ValueError(f"site {b.site!r} cannot be written as standard LoRA: {reason}")
@@ -283,7 +299,7 @@ def _pad_rows(t: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def to_peft(model: nn.Module, folder: str | os.PathLike, mode: str | None = None, calibration: Iterable | None = None,
-            rank: int | None = None, *, bias: bool = False) -> PeftExport:
+            rank: int | None = None, *, bias: bool = False, name: str | None = None) -> PeftExport:
     """Write ``model``'s adapters as a PEFT LoRA folder (see the module docstring for the modes).
 
     Args:
@@ -297,15 +313,19 @@ def to_peft(model: nn.Module, folder: str | os.PathLike, mode: str | None = None
             ``s·B·σ(A·x)`` lies in the span of B's r̃ columns, so no linear map of higher rank fits
             it better; ``benchmarks/bench_serve_as_lora.py`` measures k = 2, 4, 8 alike).
         bias: ``"fit"`` only: also fit a bias, written as PEFT's ``lora_bias``.
+        name: Which named adapter to write (``aurora_fx.named``), needed when the model holds several; the fit's
+            calibration then runs with that name alone active.
 
     Returns:
         A ``PeftExport`` (``str()`` gives the per-site table).
     """
     if mode is not None and mode not in MODES:
         raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
-    adapters = _bindings(model)
+    name = resolve_name(model, name)
+    adapters = _bindings(model, name)
     mode = mode or _default_mode(adapters)
-    written = _factors(model, adapters, mode, calibration, rank, bias)
+    with _only(model, name):
+        written = _factors(model, adapters, mode, calibration, rank, bias)
     adapters = _join_slices(adapters, written)
     kept = [(a, b) for _, a, b in adapters if written[b.site][0] is not None and written[b.site][0].A.shape[0] > 0]
     ranks = {b.site: written[b.site][0].A.shape[0] // _experts(a) for a, b in kept}  # (an AROMA site that never grew

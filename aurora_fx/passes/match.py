@@ -148,7 +148,8 @@ def _owner_sites(owner_path: str, owner: nn.Module, graph: fx.Graph) -> tuple[li
         d_out, d_in = shape if calls[0].layout == "out_in" else shape[::-1]
         binding = state.binding(attr) if state is not None else None
         sites.append(Site(
-            path=_site_path(owner_path, attr), owner=owner_path, param=attr, kind=_site_kind(owner, attr),
+            path=_site_path(owner_path, attr), owner=owner_path, param=attr,
+            kind=_site_kind(state.original if state is not None else owner, attr),
             op=calls[0].op, layout=calls[0].layout, in_features=d_in, out_features=d_out,
             dtype=str(param.dtype), calls=len(calls), adapted=_adapted_method(owner, binding),
             owner_type=type(state.original if state is not None else owner).__name__,
