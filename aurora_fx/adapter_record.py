@@ -18,6 +18,7 @@ from torch import nn
 from aurora_fx.distributed import model_class
 from aurora_fx.fingerprint import fingerprint
 from aurora_fx.model_state import model_state, update_model_state
+from aurora_fx.named import active_names, adapter_names
 from aurora_fx.owners import base_weight, iter_bindings
 
 __all__ = ["adapter_metadata", "install_record_hooks", "RECORD_KEY", "FORMAT", "FORMAT_VERSION", "controller_json",
@@ -130,5 +131,6 @@ def adapter_metadata(model: nn.Module, extra: dict[str, Any] | None = None, name
         })
     state = model_state(model)
     trainable = state.trainable_modules if state is not None else ()
+    several = {"active": list(active_names(model))} if name is None and len(adapter_names(model)) > 1 else {}
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "model_class": model_class(model).__name__,
-            "sites": sites, "trainable_modules": list(trainable), "extra": extra or {}}
+            "sites": sites, "trainable_modules": list(trainable), "extra": extra or {}, **several}

@@ -212,8 +212,8 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, *, fuse: bool = Tru
     """Rebuild the checkpoint's adapters on ``model`` (a fresh base model; no prior ``apply``).
 
     With ``name`` (default: the name it was saved under, ``"default"`` for a one-adapter file) the adapters join
-    the model under that name (``aurora_fx.named``). Loading into a name the model already holds replaces its
-    weights in place (same sites, method and shapes; a LoRA of a smaller rank is zero-padded into the slot, its
+    the model under that name (``aurora_fx.named``). Loading into a name the model already holds (given explicitly
+    as ``name=``; without it such a load is refused, as for every earlier release) replaces its weights in place (same sites, method and shapes; a LoRA of a smaller rank is zero-padded into the slot, its
     scale carried into B): no module is rebuilt, so a ``torch.compile``d model does not recompile.
 
     Steps: read → find the checkpoint's sites → check (sites free, shapes and base weights as
@@ -241,8 +241,12 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, *, fuse: bool = Tru
 def load_checkpoint(model: nn.Module, ckpt: Checkpoint, *, fuse: bool = True, check_base: bool = True,
                     name: str | None = None) -> nn.Module:
     """``load_adapters`` on a parsed ``Checkpoint`` (also used by ``aurora_fx.from_pretrained``)."""
-    name = check_name(name if name is not None else _saved_name(ckpt))
+    explicit = name is not None
+    name = check_name(name if explicit else _saved_name(ckpt))
     if name in adapter_names(model):
+        if not explicit:
+            raise CheckpointError(f"the model already has an adapter named {name!r} (the checkpoint's); pass "
+                                  f"name={name!r} to replace its weights in place, or another name to add it beside")
         return load_in_place(model, ckpt, name)
     requests = [replace(r, name=name) for r in _requests(model, ckpt)]
     require(requests, CheckpointError, f"checkpoint {str(ckpt.path)!r}:")

@@ -29,6 +29,7 @@ from torch import nn
 
 from aurora_fx.adapter_record import RECORD_KEY
 from aurora_fx.checkpoint import CheckpointError, load_checkpoint, parse_metadata
+from aurora_fx.named import DEFAULT, set_adapters
 
 __all__ = ["from_pretrained"]
 
@@ -43,14 +44,15 @@ def _read_folder(folder: Path) -> tuple[dict | None, dict[str, torch.Tensor]]:
     if meta is None:
         return None, {}
     wanted = {f"{s['owner']}.{s['attr']}." if s["owner"] else f"{s['attr']}.": s for s in meta["sites"]}
-    tensors = {}
+    tensors: dict[str, dict[str, torch.Tensor]] = {}  # adapter name → checkpoint tensors
     for file in files:
         with safe_open(str(file), framework="pt") as fh:
             for key in fh.keys():  # noqa: SIM118
                 prefix, _, name = key.rpartition(".")
                 site = wanted.get(prefix + ".")
                 if site is not None and name in site.get("tensors", (name,)):  # (older records list none)
-                    tensors[f"adapters/{site['path']}/{name}"] = fh.get_tensor(key)
+                    group = tensors.setdefault(site.get("name", DEFAULT), {})
+                    group[f"adapters/{site['path']}/{name}"] = fh.get_tensor(key)
     return meta, tensors
 
 
@@ -85,4 +87,11 @@ def from_pretrained(model_class, folder: str | os.PathLike, *, fuse: bool = True
         model = model_class.from_pretrained(folder, **kwargs)
     finally:
         hf_logger.setLevel(level)
-    return load_checkpoint(model, parse_metadata(folder, meta, tensors), fuse=fuse, check_base=check_base)
+    names = list(dict.fromkeys(site.get("name", DEFAULT) for site in meta["sites"]))
+    for name in names:  # one attach per adapter name, in the saved order
+        part = {**meta, "sites": [site for site in meta["sites"] if site.get("name", DEFAULT) == name]}
+        load_checkpoint(model, parse_metadata(folder, part, tensors.get(name, {})), fuse=fuse, check_base=check_base,
+                        name=name)
+    if len(names) > 1 and meta.get("active"):
+        set_adapters(model, meta["active"])
+    return model

@@ -187,6 +187,26 @@ def test_to_peft_and_merge_take_one_name(tmp_path):
     torch.testing.assert_close(hidden(model, IDS), expected, rtol=0, atol=1e-5)
 
 
+def test_save_pretrained_and_state_dicts_carry_every_name(tmp_path):
+    from transformers import BertModel
+
+    model = two_named(torch.float32)
+    aurora_fx.set_adapters(model, ["default", "b"])
+    model.save_pretrained(tmp_path)
+    again = aurora_fx.from_pretrained(BertModel, tmp_path).eval()
+    assert aurora_fx.adapter_names(again) == ("default", "b", "c")
+    assert torch.equal(hidden(again, IDS), hidden(model, IDS))  # the active set came back too
+    rows = ["c", "b", None, "default", "c"]
+    with aurora_fx.adapter_rows(model, rows), aurora_fx.adapter_rows(again, rows):
+        assert torch.equal(hidden(again, IDS), hidden(model, IDS))
+    state = model.state_dict()
+    with torch.no_grad():
+        for p in again.parameters():
+            p.zero_()
+    again.load_state_dict(state, strict=True)  # (a Trainer resume: the record names every (site, name))
+    assert torch.equal(hidden(again, IDS), hidden(model, IDS))
+
+
 def test_a_one_adapter_file_is_unchanged_and_loads_beside_other_names(tmp_path):
     single = bert().eval()
     aurora_fx.apply(single, "query|value", method="lora")
