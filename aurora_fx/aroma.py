@@ -43,7 +43,7 @@ from aurora_fx.owners import iter_units
 if TYPE_CHECKING:
     from aurora_fx.methods.aroma import AromaAdapter
 
-__all__ = ["AromaController", "AromaLR", "SiteRank", "OuterStep", "Finalized"]
+__all__ = ["AromaController", "AromaLR", "SiteRank", "OuterStep", "Finalized", "Rollback"]
 
 logger = logging.getLogger("aurora_fx.aroma")
 _IDLE_WARNING = 10  # calls in a row without an optimizer step before a warning
@@ -169,6 +169,30 @@ class Finalized:
 
 
 @dataclass(frozen=True)
+class Rollback:
+    """The guarantee acted: the training loss rose beyond the tolerance, so the best state came back.
+
+    Attributes:
+        best_loss: Mean training loss of the inner period that ended at ``best_step`` (the best seen).
+        best_step: The optimizer step whose adapters were restored.
+        loss: The mean training loss that triggered it (``> best_loss·(1 + tolerance)``).
+        step: The step at which it triggered.
+    """
+
+    best_loss: float
+    best_step: int
+    loss: float
+    step: int
+
+
+@dataclass
+class _Best:
+    loss: float
+    step: int
+    state: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class OuterStep:
     """One line of history per outer step."""
 
@@ -201,13 +225,19 @@ class AromaController:
         reset_step: Also reset Adam's step count with the moments, so its bias correction
             restarts (False keeps it, as the official code does; docs/methods.md §3.2).
         seed: Seeds re-initialisation and reset masks (identical on every rank).
+        rollback_tolerance: The guarantee (aurora_fx's addition): with training losses given to ``step(loss)``,
+            each outer step compares the mean loss of the inner period that just ended with the best such mean so
+            far; while it improves, the adapters' state is kept as the best; when it exceeds the best by more
+            than this fraction, every site goes back to the best state and stops growing (``rollback``). The first
+            outer step is the first piece alone, so a run never ends worse than it (within the tolerance, on the
+            training loss). None disables it; without losses it never acts.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler=None, *,
                  inner_check_every: int = 10, inner_threshold: float = 0.1, max_inner_steps: int = 1000,
                  outer_threshold: float = 5e-3, window: int = 1, patience: int = 1, prune_ratio: float = 0.999,
                  rewarm_steps: int = 50, exact_reset: bool = False, reset_step: bool = False,
-                 seed: int = 0) -> None:
+                 seed: int = 0, rollback_tolerance: float | None = 0.05) -> None:
         self._check_args(inner_check_every, max_inner_steps, window, patience, prune_ratio)
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.inner_check_every, self.inner_threshold = inner_check_every, inner_threshold
@@ -220,6 +250,10 @@ class AromaController:
         self.since = self.outer = self.all_converged = self.steps = self.skipped_steps = self._idle = 0
         self._last_opt_step: float | None = None
         self.history: list[OuterStep] = []
+        self.rollback_tolerance = rollback_tolerance
+        self.rollback: Rollback | None = None
+        self._losses: list[float] = []
+        self._best: _Best | None = None
         update_model_state(model, controller=weakref.ref(self))  # model.state_dict() carries its state from now on
 
     @staticmethod
@@ -253,8 +287,12 @@ class AromaController:
                              f"aurora_fx.trainable_parameters(model) after apply()")
 
     # -- the per-step entry point ------------------------------------------------------------
-    def step(self) -> None:
+    def step(self, loss: float | torch.Tensor | None = None) -> None:
         """Advance the controller by one optimizer step (docs/methods.md §3.2 ``on_step_end``).
+
+        Args:
+            loss: This step's training loss: the rollback guarantee compares inner periods' means of it
+                (``rollback_tolerance``). Optional (``observe_loss`` takes losses logged at other times).
 
         A call after which the optimizer did not step (``torch.amp.GradScaler`` skips steps whose
         gradients overflowed; HF Trainer calls ``on_step_end`` after those too) changes nothing:
@@ -262,6 +300,8 @@ class AromaController:
         """
         if not self._optimizer_stepped() or self.done:
             return
+        if loss is not None:
+            self.observe_loss(loss)
         self.steps += 1
         self.since += 1
         if self._rewarm is not None:
@@ -271,6 +311,10 @@ class AromaController:
         if all(t.stabilized or t.converged for t in self.tracks) or self.since >= self.max_inner_steps:
             self._outer_step()
             self.since = 0
+
+    def observe_loss(self, loss: float | torch.Tensor) -> None:
+        """Record a training loss for the rollback guarantee (``AromaCallback`` feeds the Trainer's logged ones)."""
+        self._losses.append(float(loss.detach()) if torch.is_tensor(loss) else float(loss))
 
     def _optimizer_stepped(self) -> bool:
         """Whether the optimizer stepped since the last call (its step count on an active piece moved)."""
@@ -305,6 +349,8 @@ class AromaController:
 
     # -- outer step ---------------------------------------------------------------------------
     def _outer_step(self) -> None:
+        if self._guard():
+            return
         self.outer += 1
         ratios = agree(torch.tensor([self._outer_ratio(t) for t in self.tracks], dtype=torch.float64))
         converged, merging = [], []
@@ -332,6 +378,43 @@ class AromaController:
             self.scheduler.rewarm() if self._rewarm is None else self._rewarm.start()
         self.all_converged = self.all_converged + 1 if all(t.converged for t in self.tracks) else 0
         self._log(merged, converged)
+
+    # -- the rollback guarantee -------------------------------------------------------------------
+    def _guard(self) -> bool:
+        """Keep the best state by inner-period mean loss; roll back to it (and stop) on a rise beyond tolerance."""
+        if self.rollback_tolerance is None or not self._losses:
+            return False
+        mean = agree(torch.tensor([sum(self._losses) / len(self._losses)], dtype=torch.float64)).item()
+        self._losses = []
+        if self._best is None or mean <= self._best.loss:
+            self._best = _Best(mean, self.steps, self._snapshot())
+            return False
+        if mean <= self._best.loss + self.rollback_tolerance * abs(self._best.loss):
+            return False
+        self._restore(self._best.state)
+        self.rollback = Rollback(self._best.loss, self._best.step, mean, self.steps)
+        logger.warning("AROMA: the mean training loss rose from %.4g (step %d) to %.4g (step %d), beyond the %.0f%% "
+                       "tolerance; every site went back to its step-%d state and stopped growing", self._best.loss,
+                       self._best.step, mean, self.steps, 100 * self.rollback_tolerance, self._best.step)
+        return True
+
+    def _snapshot(self) -> dict[str, Any]:
+        return {t.path: (t.adapter.state(), {n: full(getattr(t.adapter, n)).detach().clone() for n in "UVAB"},
+                         t.converged, t.merges, t.wnorm2) for t in self.tracks}
+
+    @torch.no_grad()
+    def _restore(self, state: dict[str, Any]) -> None:
+        """Every site back to ``state`` (a ``_snapshot``), then stopped with its function kept."""
+        for t in self.tracks:
+            adapter_state, tensors, _, t.merges, t.wnorm2 = state[t.path]
+            t.adapter.load_state(adapter_state, tensors)
+            t.adapter.U, t.adapter.V = tensors["U"].clone(), tensors["V"].clone()
+            assign(t.adapter.A, tensors["A"])
+            assign(t.adapter.B, tensors["B"])
+            if not t.adapter.frozen:
+                t.adapter.freeze(keep_active=t.adapter.piece_trained())
+            self._release(t)
+        self.all_converged = self.patience
 
     def _outer_ratio(self, t: _Track) -> float:
         if t.converged:
@@ -457,6 +540,8 @@ class AromaController:
 
         An active piece that trained is merged; one that never did (B still zero) is dropped.
         """
+        if self._guard():  # the last inner period made things worse: its start's state came back, and stopped
+            return Finalized((), (), tuple(t.path for t in self.tracks))
         kept, discarded, stopped = [], [], []
         for t in self.tracks:
             if t.converged:

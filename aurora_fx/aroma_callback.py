@@ -49,6 +49,11 @@ class AromaCallback(TrainerCallback):
             self.converged_early = True
             control.should_training_stop = True
 
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        """The Trainer's logged training loss feeds the rollback guarantee (every ``logging_steps``)."""
+        if self.controller is not None and logs and "loss" in logs:
+            self.controller.observe_loss(logs["loss"])
+
     def on_train_end(self, args, state, control, **kwargs):
         """Merge the active pieces and freeze every site."""
         if self.controller is not None:

@@ -245,8 +245,10 @@ def load_checkpoint(model: nn.Module, ckpt: Checkpoint, *, fuse: bool = True, ch
     name = check_name(name if explicit else _saved_name(ckpt))
     if name in adapter_names(model):
         if not explicit:
-            raise CheckpointError(f"the model already has an adapter named {name!r} (the checkpoint's); pass "
-                                  f"name={name!r} to replace its weights in place, or another name to add it beside")
+            _, gm, b = iter_bindings(model, name)[0]
+            raise CheckpointError(f"the model already has an adapter ({gm.get_submodule(b.attr).method}); call "
+                                  f"aurora_fx.unload(model) first, pass name={name!r} to replace its weights in "
+                                  f"place, or another name to add it beside")
         return load_in_place(model, ckpt, name)
     requests = [replace(r, name=name) for r in _requests(model, ckpt)]
     require(requests, CheckpointError, f"checkpoint {str(ckpt.path)!r}:")

@@ -285,3 +285,65 @@ def test_an_outer_step_that_only_stops_sites_does_not_rewarm():
         scheduler.step()
     controller._outer_step()  # every site stops by the threshold, nothing merges: no re-warm
     assert controller.history[-1].merged == () and scheduler.last_merge == 0
+
+
+def _bad_merge_run(tolerance, steps=150):
+    """A regression toy whose second and later merges are forced bad (U gets large noise): the training loss jumps.
+
+    Returns the controller, the loss after the first inner period (the first piece alone) and the final loss.
+    """
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D_IN, D_OUT), nn.Tanh(), nn.Linear(D_OUT, 4))
+    x = torch.randn(256, D_IN)
+    y = torch.tanh(x @ torch.randn(D_IN, 4) / 4)
+    aurora_fx.apply(model, "0|2", method="aroma", dropout=0.0)
+    optimizer = torch.optim.Adam(aurora_fx.trainable_parameters(model), lr=1e-2)
+    controller = AromaController(model, optimizer, inner_check_every=5, max_inner_steps=20, inner_threshold=1e-9,
+                                 outer_threshold=0.0, rollback_tolerance=tolerance)
+    original = AromaController._merge
+    merges = {"n": 0}
+
+    def bad_merge(self, t, gen):
+        grows = original(self, t, gen)
+        merges["n"] += 1
+        if merges["n"] > 2:  # both sites' first merges are fine, every later one is broken
+            t.adapter.U = t.adapter.U + 3.0 * torch.randn_like(t.adapter.U)
+        return grows
+
+    AromaController._merge = bad_merge
+    first, seen = None, []
+    try:
+        for _ in range(steps):
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            seen.append(loss.item())
+            controller.step(loss)
+            if first is None and controller.outer == 1:  # the first piece alone: its inner period's mean loss
+                first = sum(seen) / len(seen)
+            if controller.done:
+                break
+        controller.finalize()
+    finally:
+        AromaController._merge = original
+    with torch.no_grad():
+        return controller, first, nn.functional.mse_loss(model(x), y).item()
+
+
+def test_a_bad_merge_is_rolled_back_so_the_run_never_ends_worse_than_its_first_piece():
+    controller, first, final = _bad_merge_run(0.05)
+    assert controller.rollback is not None and controller.rollback.loss > controller.rollback.best_loss * 1.05
+    assert first is not None and final <= first * 1.05, (final, first)
+    assert all(s.converged for s in controller.site_ranks())
+    _, first_unguarded, final_unguarded = _bad_merge_run(None)
+    assert final_unguarded > 2 * first_unguarded  # the forced bad merges really hurt without the guarantee
+
+
+def test_the_guarantee_needs_losses_and_keeps_quiet_without_them():
+    model, _ = _toy()
+    optimizer, controller = _controller(model, inner_check_every=1, max_inner_steps=2)
+    for _ in range(2):
+        _frozen_step(model, optimizer)
+        controller.step()
+    assert controller.outer == 1 and controller.rollback is None and controller._best is None

@@ -255,6 +255,14 @@ MUTANTS: list[Mutant] = [
     Mutant("mha-out-adapter-dropped", "aurora_fx/mha_sites.py",
            "        return (out + out_adapter(attn).to(out.dtype) if out_adapter is not None else out), weights",
            "        return out, weights", ("tests/test_mha_sites.py",), "the MHA's out_proj adapter never added"),
+    # -- AROMA's rollback guarantee (issue 34)
+    Mutant("aroma-guard-removed", "aurora_fx/aroma.py",
+           "        if self._guard():\n            return\n        self.outer += 1",
+           "        self.outer += 1", ("tests/test_aroma.py",),
+           "a merge that raises the training loss stays: the run ends worse than its first piece"),
+    Mutant("aroma-restore-keeps-grown-factors", "aurora_fx/aroma.py",
+           "            t.adapter.U, t.adapter.V = tensors[\"U\"].clone(), tensors[\"V\"].clone()\n", "",
+           ("tests/test_aroma.py",), "a rollback restores the pieces but not the merged factors"),
     # -- named adapters (issue 33)
     Mutant("named-spline-sum-unmasked", "aurora_fx/adapter_set.py",
            "summed = (basis * used[k].to(sd)[:, None, :, None]).sum(-2)", "summed = basis.sum(-2)", NAMED,
