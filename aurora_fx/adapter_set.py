@@ -200,16 +200,25 @@ def stack_forms(forms: list[RowForm]) -> Stacked:
 
 
 def _gathered_delta(x: Tensor, local: Tensor, stacked: Stacked, dropout: float) -> Tensor:
-    """Row ``i``: ``B_k·g_k(A_k·drop(x_i))`` with ``k = local[i]`` (0 where ``k = -1``), over stacked factors."""
+    """Row ``i``: ``B_k·g_k(A_k·drop(x_i))`` with ``k = local[i]`` (0 where ``k = -1``), over stacked factors.
+
+    The two projections run as single GEMMs over every adapter's ranks side by side (``N·R`` columns: tiny next
+    to ``d``), each row keeping its own adapter's block: a per-row batched product with an inner size of R would
+    stream x once per row at a fraction of the GEMM's speed.
+    """
     k = local.clamp(min=0)
+    n, rank = x.shape[0], stacked.a.shape[1]
     lead = x.shape[:-1]
-    xs = x.to(stacked.a.dtype).reshape(x.shape[0], -1, x.shape[-1])  # (n, L, d_in)
+    xs = x.to(stacked.a.dtype).reshape(n, -1, x.shape[-1])  # (n, L, d_in)
     if dropout > 0:
         xs = InputDropout(dropout)(xs)
-    z = torch.bmm(xs, stacked.a[k].transpose(1, 2))  # (n, L, R)
+    blocks = torch.nn.functional.one_hot(k, stacked.a.shape[0]).to(xs.dtype)  # (n, N)
+    blocks = blocks * (local >= 0).to(xs.dtype).unsqueeze(1)  # a row without an adapter keeps no block
+    z_all = (xs @ stacked.a.reshape(-1, xs.shape[-1]).t()).unflatten(-1, (-1, rank))  # (n, L, N, R)
+    z = (z_all * blocks[:, None, :, None]).sum(2)  # (n, L, R): the row's own adapter's code
     code = _code(z, k, stacked)
-    out = torch.bmm(code, stacked.b[k].transpose(1, 2))  # (n, L, d_out)
-    out = out * (local >= 0).to(out.dtype).view(-1, 1, 1)
+    spread = code.unsqueeze(2) * blocks[:, None, :, None]  # (n, L, N, R): zero outside the row's block
+    out = spread.flatten(2) @ stacked.b.transpose(1, 2).reshape(-1, stacked.b.shape[1])  # (n, L, d_out)
     return out.reshape(*lead, out.shape[-1])
 
 
