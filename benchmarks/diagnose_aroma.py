@@ -94,11 +94,14 @@ class Recorder:
 
         controller._merge = merge
 
+    def snapshot(self) -> None:
+        """Remember the active pieces after the controller acted (a merge re-initialises them)."""
+        self.prev = self._actives()
+
     def on_step(self, step: int, loss: float, lr: float) -> None:
         now = self._actives()
         ratios = [float((n - p).pow(2).mean().sqrt()) / max(lr, 1e-12) for n, p in zip(now, self.prev, strict=True)
                   if n.shape == p.shape and p.abs().sum() > 0]
-        self.prev = now
         pieces = [a.pieces for _, _, a in self.sites] if self.controller is not None else []
         self.steps.append({"step": step + 1, "loss": loss, "lr": lr,
                            "update_over_lr": statistics.fmean(ratios) if ratios else 0.0,
@@ -144,6 +147,7 @@ def run(variant: str, setting, rate: float, eval_every: int, seed: int = 0) -> d
         recorder.on_step(step, loss.item(), lr)
         if controller is not None:
             controller.step()
+        recorder.snapshot()
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             acc, vloss = _evaluate(model, val)
             recorder.evals.append({"step": step + 1, "val_acc": acc, "val_loss": vloss})
