@@ -53,7 +53,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, environment, table  # noqa: E402
+from common import RESULTS, environment, git_commit, table  # noqa: E402
 from quality_protocol import GridPlan, MethodPlan, RunKey, Score, Splits, make_splits, next_runs  # noqa: E402
 
 QV = r"attention\.self\.(query|value)$"
@@ -168,6 +168,7 @@ class RunRecord:
     steps: int
     seconds: float
     extra: dict = field(default_factory=dict)
+    commit: str = "unrecorded"  # the code the run trained with (runs before 2026-12-06 did not record it)
 
     @property
     def key(self) -> RunKey:
@@ -408,7 +409,7 @@ def fit(model, method: Method, setting: DataSetting, data: tuple, k: int, lr: fl
     test_acc = _evaluate(model, test)[0] if test is not None else float("nan")
     stored = _param_counts(model, method)[2]
     return RunRecord(setting.name, method.name, k, seed, lr, val_acc, val_loss, test_acc, trainable, adapter, stored,
-                     steps, result.seconds, extra)
+                     steps, result.seconds, extra, git_commit())
 
 
 # -- the driver ------------------------------------------------------------------------------------
@@ -593,7 +594,9 @@ def write_outputs(stem: str, mode: Mode, store: RunStore, seconds: float) -> Non
                       f"{s['val_loss']:.3f}") for s in study]))
         print(f"adopted AuroRA recipe: {recipe_name(recipe) if recipe is not None else 'study unfinished'}\n")
     print("\n".join(lines))
-    payload = {"environment": environment(), "mode": asdict(mode), "seconds": seconds,
+    commits = sorted({r.commit for r in store.runs.values()})
+    payload = {"environment": environment(), "commit": git_commit(), "run_commits": commits,
+               "mode": asdict(mode), "seconds": seconds,
                "splits": split_sizes(mode), "rows": [{**asdict(r), "median": r.median} for r in rows],
                "study": study, "adopted_recipe": recipe_name(recipe) if recipe is not None else None,
                "verdicts": lines}
