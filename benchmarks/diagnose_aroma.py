@@ -16,7 +16,10 @@ controller settings; seed 0), with every step recorded:
 Variants: ``aroma`` (the library's controller as ``bench_quality.py`` runs it), ``lora_r1`` (its schedule: linear
 warm-up and decay), ``aroma_reset_step`` (the step count reset with the moments), ``aroma_no_reset``
 (``prune_ratio=0``: moments kept), ``aroma_lora_schedule`` (the LoRA schedule, no re-warm), ``aroma_no_merge``
-(one piece, never merged: LoRA r=1 under the AROMA schedule). Writes ``benchmarks/results/aroma_diagnosis.json`` and
+(one piece, never merged: LoRA r=1 under the AROMA schedule), ``aroma_tin_200`` / ``aroma_tin_300`` (the inner
+loop's cap T_in at 200 / 300 steps instead of steps/6). Each inner check's relative change of the active pieces
+(``‖B_t·A_t − B_{t−5}·A_{t−5}‖_F / ‖B_{t−5}·A_{t−5}‖_F``, median over sites; a piece "settles" below ε_in = 0.05)
+is recorded too. Writes ``benchmarks/results/aroma_diagnosis.json`` and
 a plot ``aroma_diagnosis.png``.
 """
 
@@ -40,7 +43,8 @@ from aurora_fx.aroma import AromaController, AromaLR  # noqa: E402
 from aurora_fx.inventory import adapter_modules  # noqa: E402
 from aurora_fx.train import make_scheduler  # noqa: E402
 
-VARIANTS = ("aroma", "lora_r1", "aroma_reset_step", "aroma_no_reset", "aroma_lora_schedule", "aroma_no_merge")
+VARIANTS = ("aroma", "lora_r1", "aroma_reset_step", "aroma_no_reset", "aroma_lora_schedule", "aroma_no_merge",
+            "aroma_tin_200", "aroma_tin_300")
 
 
 def _controller_kwargs(variant: str, steps: int) -> dict:
@@ -49,6 +53,8 @@ def _controller_kwargs(variant: str, steps: int) -> dict:
         kwargs["reset_step"] = True
     if variant == "aroma_no_reset":
         kwargs["prune_ratio"] = 0.0
+    if variant.startswith("aroma_tin_"):  # a longer inner-loop cap: fewer, longer-trained pieces
+        kwargs["max_inner_steps"] = int(variant.rsplit("_", 1)[1])
     if variant == "aroma_no_merge":
         kwargs["max_inner_steps"] = steps + 1
         kwargs["inner_threshold"] = 0.0
@@ -69,6 +75,8 @@ class Recorder:
         self.model, self.optimizer, self.controller = model, optimizer, controller
         self.sites = adapter_modules(model)
         self.prev = self._actives()
+        self.checked = self.prev
+        self.checks: list[dict] = []
         self.steps: list[dict] = []
         self.merges: list[dict] = []
         self.evals: list[dict] = []
@@ -97,6 +105,19 @@ class Recorder:
     def snapshot(self) -> None:
         """Remember the active pieces after the controller acted (a merge re-initialises them)."""
         self.prev = self._actives()
+
+    def inner_check(self, step: int) -> None:
+        """The relative change of each site's active piece since the last check (the controller's ε_in test)."""
+        now = self._actives()
+        rel = []
+        for i in range(0, len(now), 2):
+            a, b, a0, b0 = now[i].double(), now[i + 1].double(), self.checked[i].double(), self.checked[i + 1].double()
+            denom = AF.lowrank_norm2(b0, a0).sqrt()
+            if a.shape == a0.shape and denom > 0:
+                rel.append(float(AF.lowrank_diff_norm2(b, a, b0, a0).sqrt() / denom))
+        self.checked = now
+        if rel:
+            self.checks.append({"step": step, "rel_change_median": statistics.median(rel)})
 
     def on_step(self, step: int, loss: float, lr: float) -> None:
         now = self._actives()
@@ -147,6 +168,8 @@ def run(variant: str, setting, rate: float, eval_every: int, seed: int = 0) -> d
         recorder.on_step(step, loss.item(), lr)
         if controller is not None:
             controller.step()
+        if (step + 1) % AROMA["inner_check_every"] == 0:
+            recorder.inner_check(step + 1)
         recorder.snapshot()
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             acc, vloss = _evaluate(model, val)
@@ -156,7 +179,7 @@ def run(variant: str, setting, rate: float, eval_every: int, seed: int = 0) -> d
     acc, vloss = _evaluate(model, val)
     return {"variant": variant, "rate": rate, "steps": steps, "seconds": time.perf_counter() - start,
             "final_val_acc": acc, "final_val_loss": vloss, "step_records": recorder.steps,
-            "evals": recorder.evals, "merges": recorder.merges,
+            "evals": recorder.evals, "merges": recorder.merges, "inner_checks": recorder.checks,
             "outer_steps": [] if controller is None else [h.step for h in controller.history],
             "ranks": {} if controller is None else controller.ranks()}
 
@@ -176,7 +199,10 @@ def summary(result: dict) -> dict:
             "update_over_lr_otherwise_median": statistics.median(calm) if calm else None,
             "merge_relative_norm_change_median": statistics.median(m["relative_change"] for m in merges)
             if merges else None,
-            "mean_pieces_end": statistics.fmean(r["pieces_mean"] for r in recs[-1:])}
+            "mean_pieces_end": statistics.fmean(r["pieces_mean"] for r in recs[-1:]),
+            "settled_checks": sum(c["rel_change_median"] < AROMA["inner_threshold"] for c in result["inner_checks"]),
+            "rel_change_median": statistics.median(c["rel_change_median"] for c in result["inner_checks"])
+            if result["inner_checks"] else None}
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -214,6 +240,7 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--tag", default="", help="suffix of the results files (several variant sets per rate)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     mode = QUICK if args.quick else FULL
@@ -227,12 +254,13 @@ def main() -> None:
         rows.append((r["variant"], fmt(s["final_val_acc"]), fmt(s["best_val_acc"]), fmt(s["final_train_loss"]),
                      fmt(s["outer_steps"]), fmt(s["steps_per_piece_median"]),
                      fmt(s["update_over_lr_after_reset_median"]), fmt(s["update_over_lr_otherwise_median"]),
-                     fmt(s["merge_relative_norm_change_median"])))
+                     fmt(s["merge_relative_norm_change_median"]), fmt(s["rel_change_median"]),
+                     fmt(s["settled_checks"])))
     print(f"\n{args.data} q/v, rate {args.rate:g}, seed 0 ({setting.budget(len(prepared(setting)[1]))} steps)")
     print(table(("variant", "val acc", "best val", "train loss", "outer", "steps/piece", "step/lr after reset",
-                 "step/lr otherwise", "merge Δ‖ΔW‖"), rows))
+                 "step/lr otherwise", "merge Δ‖ΔW‖", "inner Δ (median)", "checks < ε_in"), rows))
     if not args.quick:
-        stem = f"aroma_diagnosis_{args.data}_{args.rate:g}"
+        stem = f"aroma_diagnosis_{args.data}_{args.rate:g}" + (f"_{args.tag}" if args.tag else "")
         path = write_json(f"{stem}.json", {"data": args.data, "rate": args.rate, "controller": AROMA,
                                            "results": results})
         plot(results, RESULTS / f"{stem}.png")
