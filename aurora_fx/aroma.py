@@ -448,7 +448,13 @@ class AromaController:
 
     @torch.no_grad()
     def _reset_moments(self, gen: torch.Generator) -> None:
-        """Zero ``prune_ratio`` of the active pieces' Adam moments (seeded masks); ``step`` too if asked."""
+        """Zero ``prune_ratio`` of the active pieces' Adam moments (seeded masks); ``step`` too if asked.
+
+        One mask per parameter, shared by all its moment buffers: an element keeps its first *and* second
+        moment, or neither. Independent masks (the official code's, after ReLoRA) leave about 0.1% of elements
+        with a kept first moment over an emptied second one, and Adam then moves each of them by
+        ``lr·m/eps``, hundreds of times the rate, right after every merge (docs/methods.md §3.8).
+        """
         for t in self.tracks:
             if t.converged:
                 continue
@@ -457,13 +463,16 @@ class AromaController:
                 if self.reset_step and "step" in state:
                     state["step"] = state["step"].zero_() if torch.is_tensor(state["step"]) else 0
                     self._last_opt_step = 0.0
-                for key in ("exp_avg", "exp_avg_sq", "momentum_buffer", "max_exp_avg_sq"):
-                    buf = state.get(key)
-                    if torch.is_tensor(buf):
-                        whole = full(buf)  # drawn on the CPU for the whole tensor: the same masks on every rank
-                        keep = (torch.zeros(whole.shape, dtype=torch.bool) if self.exact_reset
-                                else torch.rand(whole.shape, generator=gen) >= self.prune_ratio)
-                        assign(buf, whole * keep.to(device=whole.device, dtype=whole.dtype))
+                buffers = [key for key in ("exp_avg", "exp_avg_sq", "momentum_buffer", "max_exp_avg_sq")
+                           if torch.is_tensor(state.get(key))]
+                if not buffers:
+                    continue
+                shape = full(state[buffers[0]]).shape  # drawn on the CPU for the whole tensor: same on every rank
+                keep = (torch.zeros(shape, dtype=torch.bool) if self.exact_reset
+                        else torch.rand(shape, generator=gen) >= self.prune_ratio)
+                for key in buffers:
+                    whole = full(state[key])
+                    assign(state[key], whole * keep.to(device=whole.device, dtype=whole.dtype))
 
     def _log(self, merged: list[str], converged: list[str]) -> None:
         trainable = sum(p.numel() for t in self.tracks for p in (t.adapter.A, t.adapter.B) if p.requires_grad)

@@ -120,6 +120,9 @@ def test_moments_are_reset_keeping_about_one_in_a_thousand_and_the_step():
     total = adapter.A.numel() + adapter.B.numel()  # 32,000 entries
     assert 0.0004 < kept / total < 0.0018, kept
     assert float(optimizer.state[adapter.A]["step"]) == 1.0
+    for p in (adapter.A, adapter.B):  # one mask per parameter: no first moment survives over an emptied second one
+        state = optimizer.state[p]
+        assert torch.equal(state["exp_avg"] != 0, state["exp_avg_sq"] != 0)
 
 
 class _ShapeRecorder(TorchDispatchMode):

@@ -263,6 +263,11 @@ MUTANTS: list[Mutant] = [
     Mutant("aroma-restore-keeps-grown-factors", "aurora_fx/aroma.py",
            "            t.adapter.U, t.adapter.V = tensors[\"U\"].clone(), tensors[\"V\"].clone()\n", "",
            ("tests/test_aroma.py",), "a rollback restores the pieces but not the merged factors"),
+    Mutant("aroma-reset-masks-per-buffer", "aurora_fx/aroma.py",
+           "                    whole = full(state[key])\n",
+           "                    whole = full(state[key])\n                    keep = torch.rand(shape, generator=gen) >= "
+           "self.prune_ratio\n", ("tests/test_aroma.py",),
+           "m and v reset with independent masks: kept m over emptied v kicks elements by lr·m/eps"),
     # -- named adapters (issue 33)
     Mutant("named-spline-sum-unmasked", "aurora_fx/adapter_set.py",
            "summed = (basis * used[k].to(sd)[:, None, :, None]).sum(-2)", "summed = basis.sum(-2)", NAMED,
