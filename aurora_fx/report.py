@@ -107,6 +107,10 @@ class AdapterReport:
         rows = [(a.path, a.kind, a.method, a.rank, f"{a.in_features}→{a.out_features}", f"{a.num_params:,}",
                  f"{a.trainable_params:,}", "yes" if a.fused else "no", _details(a.details)) for a in self.adapters]
         header = ("site", "kind", "method", "rank", "shape", "params", "trainable", "fused", "details")
+        if len({a.name for a in self.adapters}) > 1:  # named adapters: which one, and whether it is active
+            rows = [(*r[:1], f"{a.name}{'' if a.active else ' (off)'}", *r[1:]) for r, a in zip(rows, self.adapters,
+                                                                                                strict=True)]
+            header = (header[0], "name", *header[1:])
         text = format_table(header, rows)
         share = 100.0 * self.trainable_params / max(self.model_params, 1)
         return (f"{text}\n{len(self.adapters)} adapted site(s) in {self.model_class}: "

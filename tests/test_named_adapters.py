@@ -386,6 +386,10 @@ def test_slices_of_a_fused_projection_take_named_adapters():
 
 def test_records_names_activity_and_trainable_parameters():
     model = two_named()
+    table = str(aurora_fx.inspect(model))
+    assert "name" in table.splitlines()[0] and "default (off)" in table and "\n" in table
+    query = aurora_fx.sites(model).get("encoder.layer.0.attention.self.query")
+    assert query.adapted == "lora:default, aurora:b" and query.adapted_names == ("default", "b")
     infos = aurora_fx.adapters(model)
     assert {(a.name, a.method) for a in infos} == {("default", "lora"), ("b", "aurora"), ("c", "aroma")}
     assert {a.name for a in infos if a.active} == {"c"}  # the last name applied is active

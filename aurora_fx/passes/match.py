@@ -296,10 +296,15 @@ def _finish(site: Site, bypassed: dict[str, str], matcher: Matcher, model: nn.Mo
     whole = site.path.partition("[")[0]
     whole_matched = site.rows is not None and whole in wholes and matcher(whole, owner)  # (slice_sites.py)
     matched = matcher(site.path, owner) and not whole_matched
-    site = replace(site, bypass=bypassed.get(whole), matched=matched, adapted_names=_adapted_names(owner, site.path))
+    named = _adapted_names(owner, site.path)
+    site = replace(site, bypass=bypassed.get(whole), matched=matched, adapted_names=tuple(named))
+    if len(named) > 1:  # several named adapters here: each method with its name
+        site = replace(site, adapted=", ".join(f"{method}:{name}" for name, method in named.items()))
     return replace(site, reason=check(site))
 
 
-def _adapted_names(owner: nn.Module, path: str) -> tuple[str, ...]:
+def _adapted_names(owner: nn.Module, path: str) -> dict[str, str]:
+    """Name → method of the adapters at ``path``, in the order they were added."""
     state = owner_state(owner)
-    return () if state is None else tuple(b.name for b in state.bindings if b.site == path)
+    return {} if state is None else {b.name: owner.get_submodule(b.attr).method for b in state.bindings
+                                     if b.site == path}
