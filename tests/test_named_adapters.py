@@ -275,14 +275,14 @@ def test_switching_and_loading_never_recompile(tmp_path):
     for name in ("b", "default"):
         aurora_fx.save_adapters(model, tmp_path / name, name=name)
     counters.clear()
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(model, fullgraph=True)  # inductor, the default backend
     torch._dynamo.config.error_on_recompile = True
     try:
         seen = []
         for active in (["b"], ["c"], ["default", "b"], ["default"], ["b", "c"]):  # ranks 4/2/1+1, three methods
             aurora_fx.set_adapters(model, active)
             got = compiled(input_ids=IDS).last_hidden_state
-            torch.testing.assert_close(got, hidden(model, IDS), rtol=0, atol=1e-6)
+            torch.testing.assert_close(got, hidden(model, IDS), rtol=0, atol=1e-5)  # (inductor reassociates)
             seen.append(got)
         with torch.no_grad():
             for p in aurora_fx.trainable_parameters(model, name="b"):
@@ -290,7 +290,7 @@ def test_switching_and_loading_never_recompile(tmp_path):
         for name in ("b", "default"):  # two weight loads into existing slots
             aurora_fx.load_adapters(model, tmp_path / name, name=name)
             torch.testing.assert_close(compiled(input_ids=IDS).last_hidden_state, hidden(model, IDS), rtol=0,
-                                       atol=1e-6)
+                                       atol=1e-5)
     finally:
         torch._dynamo.config.error_on_recompile = False
     assert counters["stats"]["unique_graphs"] == 1
