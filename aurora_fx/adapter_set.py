@@ -33,7 +33,7 @@ from aurora_fx import functional as AF
 from aurora_fx.methods.base import RowForm
 from aurora_fx.ops.dropout import InputDropout
 
-__all__ = ["AdapterSet", "Stacked", "stack_forms", "is_adapter_set"]
+__all__ = ["AdapterSet", "Stacked", "stack_forms"]
 
 
 class AdapterSet(nn.Module):
@@ -232,8 +232,3 @@ def _code(z: Tensor, k: Tensor, s: Stacked) -> Tensor:
     summed = (basis * s.used[k].to(sd)[:, None, :, None]).sum(-2)  # (n, L, G+K): real ranks of AuroRA rows only
     learnable = torch.bmm(summed, s.ws[k].to(sd).transpose(1, 2)).to(z.dtype)  # (n, L, R)
     return z * s.linear[k].view(-1, 1, 1) + fixed + learnable
-
-
-def is_adapter_set(module: object) -> bool:
-    """True for an ``AdapterSet``."""
-    return isinstance(module, AdapterSet)
