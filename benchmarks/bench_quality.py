@@ -21,7 +21,8 @@ Protocol (the table of record; ``quality_protocol.py`` holds its logic and is te
   4, AROMA r = 1, and the every-linear (``_all``) variants of LoRA r = 8, AuroRA r̃ = 2 and AROMA.
   Sites are query and value (``_all``: every encoder linear). The new head trains with every method
   at the method's rate (full fine-tuning: 5e-3 for the head). LoRA: α = 2r, no dropout, like the
-  PEFT row. AROMA: dropout 0, its own controller settings (``AROMA``), stored size after compaction.
+  PEFT row. AROMA: dropout 0, its own controller settings (``AROMA``; T_in = steps / 3, the
+  training losses given to the controller so its rollback guarantee acts), stored size after compaction.
 * **AuroRA recipe study** (validation only, seed 0): A's init (Kaiming-uniform, Xavier-normal,
   N(0, 1/d_in)), scale α/r̃ vs α, input dropout 0 vs 0.05; each variant on a 3-rate grid around the
   default's chosen rate (grown at edges). A variant that beats the default's best validation
@@ -59,7 +60,8 @@ from quality_protocol import GridPlan, MethodPlan, RunKey, Score, Splits, make_s
 QV = r"attention\.self\.(query|value)$"
 ALL = r"attention\.self\.(query|key|value)$|attention\.output\.dense$|intermediate\.dense$|layer\.\d+\.output\.dense$"
 ADAPTER_LR = 4e-3  # grid centre for adapters: 1e-3 … 1.6e-2
-AROMA = {"inner_check_every": 5, "inner_threshold": 0.05, "outer_threshold": 5e-3}  # T_in = steps / 6
+AROMA = {"inner_check_every": 5, "inner_threshold": 0.05, "outer_threshold": 5e-3}
+AROMA_INNER_FRACTION = 3  # T_in = steps / 3 (was steps / 6 before issue 34: docs/methods.md §3.11 measured both)
 
 
 @dataclass(frozen=True)
@@ -197,7 +199,7 @@ class RunStore:
         from aurora_fx.atomic import atomic_write_bytes
 
         self.runs[record.key.id] = record
-        payload = {"runs": [asdict(r) for r in sorted(self.runs.values(), key=lambda r: r.key.id)]}
+        payload = {"commit": git_commit(), "runs": [asdict(r) for r in sorted(self.runs.values(), key=lambda r: r.key.id)]}
         atomic_write_bytes(self.path, json.dumps(payload, indent=1).encode())
 
 
@@ -367,7 +369,8 @@ def _aroma(model, optimizer, steps: int):
     from aurora_fx.aroma import AromaController, AromaLR
 
     scheduler = AromaLR(optimizer, max_steps=steps, first_warmup=max(1, steps // 16), rewarm_steps=10)
-    controller = AromaController(model, optimizer, scheduler, max_inner_steps=max(10, steps // 6), **AROMA)
+    controller = AromaController(model, optimizer, scheduler, max_inner_steps=max(10, steps // AROMA_INNER_FRACTION),
+                                 **AROMA)
     return scheduler, controller
 
 
@@ -396,7 +399,7 @@ def fit(model, method: Method, setting: DataSetting, data: tuple, k: int, lr: fl
     controller = on_step = None
     if method.kind == "aroma":
         scheduler, controller = _aroma(model, optimizer, steps)
-        on_step = lambda step, loss: controller.step()  # noqa: E731
+        on_step = lambda step, loss: controller.step(loss)  # noqa: E731  (losses: the rollback guarantee)
     else:
         scheduler = make_scheduler(optimizer, steps, cfg.warmup_ratio)
     result = train_classifier(model, train, cfg, progress=False, optimizer=optimizer, scheduler=scheduler,
