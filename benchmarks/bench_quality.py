@@ -69,7 +69,7 @@ class Method:
     """One row of the table: how to adapt the model and where its rate grid is centred."""
 
     name: str
-    kind: str  # full | head | lora | aurora | aroma | peft
+    kind: str  # full | head | lora | aurora | aroma | peft | aroma_official (official_aroma.py's port)
     rank: int = 0
     pattern: str = QV
     center: float = ADAPTER_LR
@@ -100,6 +100,7 @@ METHODS: tuple[Method, ...] = (
     Method("lora_r8_all", "lora", 8, ALL, center=2e-3),
     Method("aurora_r2_all", "aurora", 2, ALL),
     Method("aroma_r1_all", "aroma", 1, ALL, center=1e-3),
+    Method("aroma_official_r1", "aroma_official", 1, center=1e-3),
 )
 STUDY: tuple[tuple[tuple[str, object], ...], ...] = (  # variants of the default AuroRA r̃=2 recipe
     (("a_init", "xavier_normal"),),
@@ -391,6 +392,8 @@ def fit(model, method: Method, setting: DataSetting, data: tuple, k: int, lr: fl
     from aurora_fx.train import TrainConfig, make_scheduler, train_classifier
 
     train, val, test = data
+    if method.kind == "aroma_official":
+        return fit_official(model, method, setting, data, k, lr, seed)
     model = adapt(model, method)
     trainable, adapter = _param_counts(model, method)[:2]  # at the start (AROMA's fall to 0 as it converges)
     steps = setting.budget(len(train))
@@ -413,6 +416,40 @@ def fit(model, method: Method, setting: DataSetting, data: tuple, k: int, lr: fl
     stored = _param_counts(model, method)[2]
     return RunRecord(setting.name, method.name, k, seed, lr, val_acc, val_loss, test_acc, trainable, adapter, stored,
                      steps, result.seconds, extra, git_commit())
+
+
+def fit_official(model, method: Method, setting: DataSetting, data: tuple, k: int, lr: float, seed: int) -> RunRecord:
+    """``fit`` for the official AROMA loop's port (``official_aroma.py``): same data, budget, head and
+    evaluation; its own adapter, schedule and reset logic; stops early when every layer converged."""
+    import official_aroma
+    import torch
+
+    from aurora_fx.train import TrainConfig, train_classifier
+
+    train, val, test = data
+    steps = setting.budget(len(train))
+    config, t_in = official_aroma.OfficialConfig(r=method.rank, alpha=method.alpha), official_aroma.t_in_for(steps)
+    layers = official_aroma.wrap(model, method.pattern, config, t_in)
+    model.classifier.requires_grad_(True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    loop = official_aroma.OfficialLoop(layers, optimizer, config, seed)
+    cfg = TrainConfig(steps=steps, batch_size=setting.batch_size, lr=lr, max_length=setting.max_length, seed=seed)
+    trainable = sum(p.numel() for p in params)
+    adapter = sum(p.numel() for layer in layers for p in (layer.lora_A.weight, layer.lora_B.weight))
+    started, stopped = time.perf_counter(), None
+    try:
+        result = train_classifier(model, train, cfg, progress=False, optimizer=optimizer,
+                                  scheduler=official_aroma.schedule(optimizer, steps, t_in, config))
+        final_loss = statistics.fmean(result.losses[-10:])
+    except official_aroma.StopTraining as stop:
+        stopped, final_loss = str(stop), float("nan")
+    seconds = time.perf_counter() - started
+    extra = {"final_loss": final_loss, "t_in": t_in, "stopped": stopped, **loop.summary()}
+    val_acc, val_loss = _evaluate(model, val)
+    test_acc = _evaluate(model, test)[0] if test is not None else float("nan")
+    return RunRecord(setting.name, method.name, k, seed, lr, val_acc, val_loss, test_acc, trainable, adapter,
+                     loop.stored_params(), steps, seconds, extra, git_commit())
 
 
 # -- the driver ------------------------------------------------------------------------------------
@@ -556,7 +593,7 @@ def plot(rows: list[Row], path: Path) -> None:
 
     datasets = sorted({r.dataset for r in rows})
     fig, axes = plt.subplots(2, len(datasets), figsize=(7 * len(datasets), 9), squeeze=False)
-    markers = {"full": "s", "head": "v", "lora": "o", "aurora": "*", "aroma": "D", "peft": "x"}
+    markers = {"full": "s", "head": "v", "lora": "o", "aurora": "*", "aroma": "D", "peft": "x", "aroma_official": "d"}
     for col, ds in enumerate(datasets):
         for row, (attr, label) in enumerate((("trainable_params", "trainable parameters (incl. head)"),
                                              ("stored_params", "stored adapter parameters"))):
