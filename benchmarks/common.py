@@ -65,13 +65,15 @@ def environment() -> dict:
 
 
 def git_commit() -> str:
-    """The checkout's commit (short hash, ``+dirty`` with uncommitted changes), for results files."""
+    """The checkout's commit (short hash, ``+dirty`` with uncommitted changes outside ``benchmarks/results/``,
+    which benchmarks write as they go), for results files."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
 
     try:
         commit = git("rev-parse", "--short", "HEAD") or "unknown"
-        return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ":/", ":(top,exclude)benchmarks/results")
+        return commit + ("+dirty" if changed else "")
     except OSError:
         return "unknown"
 
