@@ -39,7 +39,7 @@ from torch import nn
 from torch.nn import functional as F
 
 
-class StopTraining(Exception):
+class StopTraining(Exception):  # noqa: N818  (a signal, as the official TrainerStopException)
     """Every layer converged: the official trainer stops here (``TrainerStopException``)."""
 
 

@@ -97,26 +97,78 @@ def test_the_study_runs_first_and_aurora_rows_wait_for_its_recipe(tmp_path):
     assert len(study) == 2 * len(BQ.STUDY) * 3 and {k.k for k in study} == {-1, 0, 1}
 
 
-def _run_study(store, wins: dict[str, float]):
-    """Finish the study: every variant scores ``wins[recipe name]`` (default 0.8) at its centre."""
+def _run_study(store, vals: dict[tuple[str, str], tuple[float, ...]]):
+    """Finish the study: each candidate scores ``vals[(data, recipe name)]`` on the study seeds (default
+    (0.70, 0.71, 0.72)) at its chosen rate; the other variants finish their seed-0 grid."""
+    base = BQ.method_named("aurora_r2")
     for ds in ("bbc", "tweets"):
         _finish_grid(store, "aurora_r2", dataset=ds)
         for recipe in BQ.STUDY:
-            name = BQ.method_named("aurora_r2").with_recipe(recipe, BQ.STUDY_PREFIX).name
+            name = base.with_recipe(recipe, BQ.STUDY_PREFIX).name
             for k in (-1, 0, 1):
-                val = wins.get((ds, BQ.recipe_name(recipe)), 0.7) if k == 0 else 0.1
-                store.put(_record(name, k, val=val, dataset=ds))
+                store.put(_record(name, k, val=0.8 if k == 0 else 0.1, dataset=ds))
+        for recipe in BQ.CANDIDATES:
+            name = base.with_recipe(recipe, BQ.STUDY_PREFIX).name
+            for seed, val in zip(BQ.STUDY_SEEDS, vals.get((ds, BQ.recipe_name(recipe)), (0.70, 0.71, 0.72)),
+                                 strict=True):
+                store.put(_record(name, 0, seed=seed, val=val, dataset=ds))
 
 
-def test_a_variant_is_adopted_only_when_it_wins_on_both_data_sets(tmp_path):
+def test_the_study_candidates_train_fresh_seeds_and_the_other_variants_seed_0_only(tmp_path):
+    store = BQ.RunStore(tmp_path / "runs.json")
+    base = BQ.method_named("aurora_r2")
+    for ds in ("bbc", "tweets"):
+        _finish_grid(store, "aurora_r2", dataset=ds)
+        for recipe in BQ.STUDY:
+            for k in (-1, 0, 1):
+                store.put(_record(base.with_recipe(recipe, BQ.STUDY_PREFIX).name, k, val=0.8 if k == 0 else 0.1,
+                                  dataset=ds))
+    ready = {(key.dataset, key.method, key.k, key.seed) for key, _, _ in BQ.ready_runs(store, BQ.FULL)}
+    study = {r for r in ready if r[1].startswith(BQ.STUDY_PREFIX) or r[1] == "aurora_r2"}
+    names = ["aurora_r2"] + [base.with_recipe(r, BQ.STUDY_PREFIX).name for r in BQ.CANDIDATES[1:]]
+    assert study == {(ds, n, 0, s) for ds in ("bbc", "tweets") for n in names for s in BQ.STUDY_SEEDS}
+    assert BQ.adopted_recipe(store, BQ.FULL) is None  # the study is unfinished: AuroRA rows wait
+
+
+def test_the_cheapest_candidate_stays_unless_another_beats_it_by_more_than_the_seed_spread(tmp_path):
     store = BQ.RunStore(tmp_path / "a.json")
-    _run_study(store, {("bbc", "a_init=normal"): 0.9, ("tweets", "a_init=normal"): 0.7})
-    assert BQ.adopted_recipe(store, BQ.FULL) == ()  # wins on one only: the default stays
-    assert "aurora_r4" in {m.name for m in BQ.main_rows(store, BQ.FULL)}
+    _run_study(store, {("bbc", "dropout=0.05"): (0.74, 0.75, 0.76)})  # +4 points, spread 2: beats
+    assert BQ.adopted_recipe(store, BQ.FULL) == (("dropout", 0.05),)
+    assert "aurora_r4[dropout=0.05]" in {m.name for m in BQ.main_rows(store, BQ.FULL)}
     store = BQ.RunStore(tmp_path / "b.json")
-    _run_study(store, {("bbc", "a_init=normal"): 0.9, ("tweets", "a_init=normal"): 0.85})
-    assert BQ.adopted_recipe(store, BQ.FULL) == (("a_init", "normal"),)
-    assert "aurora_r4[a_init=normal]" in {m.name for m in BQ.main_rows(store, BQ.FULL)}
+    _run_study(store, {("bbc", "dropout=0.05"): (0.70, 0.73, 0.76)})  # +2 points, spread 6: a tie
+    assert BQ.adopted_recipe(store, BQ.FULL) == ()  # the cheapest of the tied ones
+    assert "aurora_r4" in {m.name for m in BQ.main_rows(store, BQ.FULL)}
+    store = BQ.RunStore(tmp_path / "c.json")
+    _run_study(store, {("tweets", "dropout=0"): (0.60, 0.61, 0.62)})  # the baseline is beaten on tweets
+    assert BQ.adopted_recipe(store, BQ.FULL) == (("scale_by_rank", False),)
+    lines = BQ.format_recipe_scores(BQ.recipe_scores(store, BQ.FULL)).splitlines()
+    cells = {tuple(c.strip() for c in line.split("|")[:2]): line.split("|")[-1].strip() for line in lines[2:]}
+    assert cells[("tweets", "dropout=0")] == "-"  # the baseline beats nobody on tweets
+    assert cells[("tweets", "scale_by_rank=False")] == "dropout=0"
+    assert cells[("bbc", "scale_by_rank=False")] == "-"
+
+
+def test_aurora_rows_report_fresh_seeds_not_the_rate_choosing_one(tmp_path):
+    store = BQ.RunStore(tmp_path / "runs.json")
+    _run_study(store, {})
+    _finish_grid(store, "aurora_r4")
+    method = BQ.method_named("aurora_r4")
+    ready = {(key.k, key.seed) for key, m, _ in BQ.ready_runs(store, BQ.FULL) if key.method == "aurora_r4"
+             and key.dataset == "bbc"}
+    assert ready == {(0, 1), (0, 2), (0, 3)}
+    for seed, test in ((1, 0.6), (2, 0.7), (3, 0.8)):
+        store.put(_record("aurora_r4", 0, seed=seed, test=test))
+    assert BQ.summarize(store, BQ.FULL, "bbc", method).tests == (0.6, 0.7, 0.8)  # seed 0's 0.5 is not reported
+
+
+def test_the_protocols_aurora_baseline_has_no_dropout_whatever_the_library_default():
+    import aurora_fx
+
+    model = BQ.adapt(_tiny_classifier(3), BQ.method_named("aurora_r2"))
+    assert {a.config["dropout"] for a in aurora_fx.adapters(model)} == {0.0}
+    model = BQ.adapt(_tiny_classifier(3), BQ.method_named("aurora_r2").with_recipe((("dropout", 0.05),)))
+    assert {a.config["dropout"] for a in aurora_fx.adapters(model)} == {0.05}
 
 
 def test_report_rows_need_a_final_grid_and_every_seed(tmp_path):
