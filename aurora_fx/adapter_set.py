@@ -122,8 +122,10 @@ class AdapterSet(nn.Module):
         return _gathered_delta(x, local, stacked, self._shared_dropout(forms))
 
     def _cache_key(self) -> tuple | None:
-        """Serving (eval, no autograd, not traced): the stacked factors are reused until a tensor of the set changes
-        (its identity or its version counter); None otherwise."""
+        """The key of the stacked factors' cache while serving (eval, no autograd, not traced), else None.
+
+        The stack is reused until a tensor of the set changes (its identity or its version counter).
+        """
         if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.compiler.is_exporting():
             return None
         return tuple((id(t), t._version) for t in (*self.parameters(), *self.buffers()))

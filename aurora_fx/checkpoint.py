@@ -34,10 +34,10 @@ from aurora_fx.attach import attach, resolve_trainable
 from aurora_fx.config import AdapterConfig
 from aurora_fx.distributed import full, is_main, model_class, world_size
 from aurora_fx.fingerprint import Fingerprint, differs, fingerprint
+from aurora_fx.named import DEFAULT, adapter_names, check_name, resolve_name
 from aurora_fx.owners import Binding, base_weight, iter_bindings
 from aurora_fx.passes.check import require
 from aurora_fx.passes.match import find_sites
-from aurora_fx.named import DEFAULT, adapter_names, check_name, resolve_name
 from aurora_fx.records import Site, SiteRequest
 from aurora_fx.registry import config_from_dict
 from aurora_fx.tracing import get_submodule
@@ -213,8 +213,9 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, *, fuse: bool = Tru
 
     With ``name`` (default: the name it was saved under, ``"default"`` for a one-adapter file) the adapters join
     the model under that name (``aurora_fx.named``). Loading into a name the model already holds (given explicitly
-    as ``name=``; without it such a load is refused, as for every earlier release) replaces its weights in place (same sites, method and shapes; a LoRA of a smaller rank is zero-padded into the slot, its
-    scale carried into B): no module is rebuilt, so a ``torch.compile``d model does not recompile.
+    as ``name=``; without it such a load is refused, as for every earlier release) replaces its weights in place
+    (same sites, method and shapes; a LoRA of a smaller rank is zero-padded into the slot, its scale carried into
+    B): no module is rebuilt, so a ``torch.compile``d model does not recompile.
 
     Steps: read → find the checkpoint's sites → check (sites free, shapes and base weights as
     saved) → attach (fill each adapter from the file) → load the ``trainable_modules`` weights.
@@ -226,6 +227,7 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, *, fuse: bool = Tru
         fuse: Use fused ops where the method has one.
         check_base: Refuse a base whose class or adapted weights differ from those the
             checkpoint was saved with (a norm and sampled values per site); False loads anyway.
+        name: The adapter name to load under (default: the one the file was saved with).
 
     Raises:
         CheckpointError: The file is unreadable, or a site, tensor or base weight does not fit

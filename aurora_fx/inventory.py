@@ -14,7 +14,10 @@ __all__ = ["adapters", "trainable_parameters", "adapter_modules"]
 
 def adapter_modules(model: nn.Module, method: str | None = None, name: str | None = None
                     ) -> list[tuple[str, str, nn.Module]]:
-    """``(site path, kind, adapter module)`` for every adapter in ``model`` (of ``method``, named ``name``, if given)."""
+    """``(site path, kind, adapter module)`` for every adapter in ``model``.
+
+    Only those of ``method`` and named ``name``, where given.
+    """
     out = []
     for _, gm, binding in iter_bindings(model, name):
         adapter = gm.get_submodule(binding.attr)

@@ -45,8 +45,9 @@ _RESERVED = frozenset(dir(AdapterSet)) | {"gate", "lookup", "rows", "active", "i
 def check_name(name: object) -> str:
     """``name`` if it can name an adapter (an identifier, not an ``AdapterSet`` attribute), else a ValueError."""
     if not isinstance(name, str) or not _NAME.fullmatch(name) or name in _RESERVED:
+        reserved = sorted(n for n in _RESERVED if not n.startswith("_"))[:6]
         raise ValueError(f"adapter name {name!r} is not usable: give a Python identifier (letters, digits, '_', "
-                         f"e.g. 'support_v2') that is not one of {sorted(n for n in _RESERVED if not n.startswith('_'))[:6]}...")
+                         f"e.g. 'support_v2') that is not one of {reserved}...")
     return name
 
 
@@ -169,5 +170,5 @@ def adapter_rows(model: nn.Module, ids: Sequence[str | None] | Tensor) -> Iterat
     try:
         yield model
     finally:
-        for s, old in zip(sets, previous):
+        for s, old in zip(sets, previous, strict=True):
             s.rows = old

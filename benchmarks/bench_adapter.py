@@ -39,8 +39,8 @@ from common import interleaved, median, paired_ratio, status_kib, table, write_j
 
 import aurora_fx  # noqa: E402
 from aurora_fx import functional as AF  # noqa: E402
-from aurora_fx.ops.dropout import InputDropout  # noqa: E402
 from aurora_fx.ops.aurora_delta import aurora_delta_add  # noqa: E402
+from aurora_fx.ops.dropout import InputDropout  # noqa: E402
 
 VARIANTS = ("aurora_fused", "aurora_fused_default_dropout", "aurora_unfused", "lora_r8", "peft_lora_r8", "floor")
 

@@ -29,7 +29,8 @@ from tests.models import MOE_BUILDERS, bert, gpt2, llama, randomize_adapters
 
 
 def two_named(dtype=torch.float64):
-    """A tiny BERT: LoRA r=4 "default" on query|value, AuroRA "b" on query|key, AROMA "c" (one merged piece) on value."""
+    """A tiny BERT: LoRA r=4 "default" on query|value, AuroRA "b" on query|key, AROMA "c" (one merged piece) on
+    value."""
     model = bert().to(dtype)
     aurora_fx.apply(model, "query|value", method="lora", rank=4)
     aurora_fx.apply(model, "query|key", name="b", dropout=0.0)
@@ -371,9 +372,8 @@ def test_slices_of_a_fused_projection_take_named_adapters():
     randomize_adapters(model)
     model.eval()
     ids = IDS[:3]
-    with aurora_fx.adapter_rows(model, ["v_only", "default", None]):
-        with torch.no_grad():
-            mixed = model(input_ids=ids).logits
+    with aurora_fx.adapter_rows(model, ["v_only", "default", None]), torch.no_grad():
+        mixed = model(input_ids=ids).logits
     for i, name in enumerate(["v_only", "default", None]):
         one = copy.deepcopy(model)
         if name is None:
@@ -410,17 +410,16 @@ def test_bad_names_and_rows_are_refused_with_the_fix():
         aurora_fx.apply(model, "query", name="b")
     with pytest.raises(ValueError, match=r"unknown adapter name\(s\) \['x'\]"):
         aurora_fx.set_adapters(model, ["x"])
-    with pytest.raises(ValueError, match=r"unknown adapter name\(s\) \['x'\]"):
-        with aurora_fx.adapter_rows(model, ["x"]):
-            pass
-    with pytest.raises(ValueError, match=r"adapter_rows has 2 row\(s\) but this site's input has 5"):
-        with aurora_fx.adapter_rows(model, ["b", "c"]):
-            model(input_ids=IDS)
+    with pytest.raises(ValueError, match=r"unknown adapter name\(s\) \['x'\]"), aurora_fx.adapter_rows(model, ["x"]):
+        pass
+    with pytest.raises(ValueError, match=r"adapter_rows has 2 row\(s\) but this site's input has 5"), \
+            aurora_fx.adapter_rows(model, ["b", "c"]):
+        model(input_ids=IDS)
     single = bert()
     aurora_fx.apply(single, "query")
-    with pytest.raises(ValueError, match="adapter_rows needs a model with named adapters"):
-        with aurora_fx.adapter_rows(single, ["default"]):
-            pass
+    with pytest.raises(ValueError, match="adapter_rows needs a model with named adapters"), \
+            aurora_fx.adapter_rows(single, ["default"]):
+        pass
     with pytest.raises(ValueError, match=r"already has an adapter \(aurora\); call aurora_fx.unload"):
         aurora_fx.apply(single, "query")
 

@@ -35,7 +35,7 @@ from torch import nn
 
 from aurora_fx.attach import attach
 from aurora_fx.export.dynamic_axes import dynamic_spec, reshaped, traceable
-from aurora_fx.export.rows import INDEX_INPUT, RowRouted, example_index, row_routed, routes_rows
+from aurora_fx.export.rows import INDEX_INPUT, RowRouted, example_index, routes_rows, row_routed
 from aurora_fx.export.translation import (
     aurora_delta_add_onnx,
     aurora_linear_onnx,

@@ -179,8 +179,10 @@ class SwappableSession:
 
     def run(self, feeds: dict[str, Any], adapter: str | os.PathLike | list | None = None,
             weights: dict[str, torch.Tensor] | None = None) -> list[np.ndarray]:
-        """Run with adapter files (``add_active_adapter``; a list fills several slots), plain weight tensors, or
-        neither (the base)."""
+        """Run with adapter files, plain weight tensors, or neither (the base).
+
+        ``adapter``: one file (``add_active_adapter``) or a list of them, which fills several slots.
+        """
         import onnxruntime as ort
 
         inputs = {k: (v.numpy() if torch.is_tensor(v) else np.asarray(v)) for k, v in feeds.items()

@@ -48,7 +48,8 @@ __all__ = ["insert_adapters", "adapter_graph", "inline_adapter"]
 def adapter_graph(adapter: nn.Module) -> fx.Graph:
     """The fx graph of ``adapter.forward`` (cached per ``adapter.trace_key()``).
 
-    Its ``get_attr``/``call_module`` targets are relative to the adapter.
+    Its ``get_attr``/``call_module`` targets are relative to the adapter; tensors (buffers included) are
+    read at run time, so one graph serves adapters of every dtype.
     """
     key = adapter.trace_key()
     cached = _GRAPH_CACHE.get(key)
@@ -59,7 +60,13 @@ def adapter_graph(adapter: nn.Module) -> fx.Graph:
 
 
 class _AdapterTracer(fx.Tracer):
-    """fx's default leaves (``torch.nn`` modules), plus the adapters' ``InputDropout``."""
+    """fx's default leaves (``torch.nn`` modules), plus the adapters' ``InputDropout``.
+
+    Buffers are read through ``get_attr`` like parameters (fx's default bakes a buffer into the graph as a
+    constant, so ``x.to(self.U.dtype)`` would keep the dtype the model had when it was adapted).
+    """
+
+    proxy_buffer_attributes = True
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return isinstance(m, InputDropout) or super().is_leaf_module(m, module_qualified_name)

@@ -291,4 +291,8 @@ MUTANTS: list[Mutant] = [
            "the serving cache keeps stale factors after an in-place weight change"),
     Mutant("named-rows-never-reset", "aurora_fx/named.py",
            "            s.rows = old\n", "            pass\n", NAMED, "adapter_rows outlives its block"),
+    # -- adapter graphs across dtypes (found 2026-12-06: a float64 test leaked into a float32 docs block)
+    Mutant("graph-buffers-baked", "aurora_fx/passes/insert_adapters.py",
+           "    proxy_buffer_attributes = True\n", "", ("tests/passes/test_insert_adapters.py",),
+           "AROMA's merged factors (buffers) traced as constants: model.to(dtype) after apply fails"),
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import operator
 
+import pytest
 import torch
 from torch import nn
 
@@ -93,3 +94,35 @@ def test_a_linear_called_twice_gets_the_adapter_on_both_calls():
     aurora_fx.apply(model, "w", method="lora", rank=1)
     adds = [n for n in model[0].graph.nodes if n.meta.get("aurora_fx_role") == "sum"]
     assert len(adds) == 2
+
+
+@pytest.mark.parametrize("method", ["aroma", "aurora", "lora"])
+def test_a_graph_traced_in_one_dtype_is_not_reused_for_another(method):
+    """The traced adapter graph is cached per trace key; a dtype read while tracing (AROMA's
+    ``x.to(self.U.dtype)``) must not leak from a float64 model into a float32 one."""
+    outputs = {}
+    for dtype in (torch.float64, torch.float32):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).to(dtype)
+        x = torch.randn(3, 8).to(dtype)
+        aurora_fx.apply(model, r"^0$", method=method, rank=2)  # B = 0: the base model's outputs
+        outputs[dtype] = model(x)
+        assert outputs[dtype].dtype == dtype
+    torch.testing.assert_close(outputs[torch.float32], outputs[torch.float64].float(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["aroma", "aurora", "lora"])
+def test_an_adapted_model_cast_to_another_dtype_runs_in_it(method):
+    """``model.to(dtype)`` after ``apply``: the adapter graph reads its tensors' dtypes at run time
+    (AROMA's merged factors are buffers: traced as constants they kept the old dtype)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    aurora_fx.apply(model, r"^0$", method=method, rank=2)
+    randomize_adapters(model)
+    model.eval()  # AROMA's default input dropout
+    x = torch.randn(3, 8)
+    expected = model(x).double()
+    model.to(torch.float64)
+    out = model(x.double())
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
