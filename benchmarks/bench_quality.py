@@ -614,6 +614,8 @@ def verdicts(rows: list[Row]) -> list[str]:
     by = _rowmap(rows)
     pairs = (("aurora_r2", "lora_r2", "matched size"), ("aurora_r2", "lora_r8", "the paper's ratio"),
              ("aurora_r2_all", "lora_r8_all", "every linear"), ("aroma_r1", "lora_r8", "AROMA vs LoRA r=8"),
+             ("aroma_r1", "lora_r1", "AROMA vs the LoRA r=1 it starts as"),
+             ("aroma_r1", "aroma_official_r1", "our AROMA vs the official loop"),
              ("lora_r8", "peft_lora_r8", "our LoRA vs PEFT's"))
     out = []
     for ds in sorted({r.dataset for r in rows}):
