@@ -148,6 +148,7 @@ class Mode:
     half: int  # grid: 2·half + 1 rates
     study: bool
     max_extra: int = 3  # grid growth steps allowed each way
+    recipe: tuple[tuple[str, object], ...] | None = None  # --recipe: AuroRA rows' recipe before the study decides
 
     def grid(self, center: float, half: int | None = None) -> GridPlan:
         return GridPlan(center, half=self.half if half is None else half, max_extra=self.max_extra)
@@ -322,8 +323,9 @@ def reported_seeds(mode: Mode, method: Method) -> tuple[int, ...]:
 
 
 def main_rows(store: RunStore, mode: Mode) -> list[Method]:
-    """The table's rows; AuroRA rows wait for the study's recipe (left out until it is known)."""
-    recipe = adopted_recipe(store, mode)
+    """The table's rows; AuroRA rows wait for the study's recipe (left out until it is known) unless
+    ``mode.recipe`` names one (``--recipe``: train them early; the report uses the study's decision)."""
+    recipe = mode.recipe if mode.recipe is not None else adopted_recipe(store, mode)
     return [m.with_recipe(recipe) if m.kind == "aurora" else m for m in map(method_named, mode.methods)
             if m.kind != "aurora" or recipe is not None]
 
@@ -332,7 +334,7 @@ def ready_runs(store: RunStore, mode: Mode) -> list[tuple[RunKey, Method, float]
     """Every run that can start now: (key, method, learning rate), the recipe study first."""
     out: list[tuple[RunKey, Method, float]] = []
     done = set(store.runs)
-    if mode.study:
+    if mode.study and mode.recipe is None:
         for setting in mode.data:
             default = _default_plan(store, mode, setting.name)
             out += [(key, method_named("aurora_r2"), default.grid.rate(key.k)) for key in next_runs(default, done)]
@@ -739,12 +741,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--report", action="store_true", help="train nothing: table and plot from finished runs")
     parser.add_argument("--workers", type=int, default=2, help="training processes (1 thread each on 2 cores)")
     parser.add_argument("--methods", default=None, help="comma-separated subset of the rows")
+    parser.add_argument("--recipe", default=None, choices=[recipe_name(r) for r in CANDIDATES],
+                        help="train the AuroRA rows under this candidate recipe now, without the study's runs "
+                             "(the report still follows the study's decision)")
     args = parser.parse_args(argv)
     from tqdm.auto import tqdm
 
     mode = QUICK if args.quick else FULL
     if args.methods:
         mode = replace(mode, methods=tuple(method_named(m).name for m in args.methods.split(",")))
+    if args.recipe and not args.report:
+        mode = replace(mode, recipe=next(r for r in CANDIDATES if recipe_name(r) == args.recipe))
     stem = "quality_quick" if args.quick else "quality"
     started = time.perf_counter()
     store = RunStore(RESULTS / f"{stem}_runs.json", fresh=args.fresh)

@@ -249,3 +249,13 @@ def test_format_fits_lists_every_student(fits):
     assert len(SY.format_fits(list(fits.values())).splitlines()) == 1 + len(fits)
 
 
+
+
+def test_a_named_recipe_trains_aurora_rows_before_the_study_decides_without_its_runs(tmp_path):
+    from dataclasses import replace
+
+    store = BQ.RunStore(tmp_path / "runs.json")
+    mode = replace(BQ.FULL, methods=("aurora_r4",), recipe=(("dropout", 0.05),))
+    ready = {key.method for key, _, _ in BQ.ready_runs(store, mode)}
+    assert ready == {"aurora_r4[dropout=0.05]"}  # no study runs, no other rows
+    assert BQ.adopted_recipe(store, mode) is None  # the report still waits for the study
