@@ -75,7 +75,7 @@ def apply(
             one that contradicts ``config`` is refused.
         rank: r̃ / r. Default: 2 (AuroRA), 8 (LoRA), 1 (AROMA).
         alpha: α; scale α/rank. Default: 4 (AuroRA), 16 (LoRA), 4 (AROMA).
-        dropout: Adapter-input dropout. Default: 0.05 (AuroRA), 0.0 (LoRA), 0.1 (AROMA).
+        dropout: Adapter-input dropout. Default: 0.0 (AuroRA, LoRA), 0.1 (AROMA).
         config: A ready ``AuroraConfig``/``LoraConfig``/``AromaConfig`` (or any registered
             config) instead of the above, or a ``peft.LoraConfig`` (converted: r, lora_alpha,
             lora_dropout, use_rslora; target_modules as the pattern).

@@ -22,7 +22,7 @@ def test_fuse_replaces_the_subgraph_by_one_op_and_keeps_numerics():
     model = nn.Sequential(nn.Linear(6, 5))
     aurora_fx.apply(model, "0", fuse=False)
     randomize_adapters(model)
-    model.eval()  # the default dropout (0.05) is the identity: outputs compare exactly
+    model.eval()  # adapter dropout is the identity in eval: outputs compare exactly
     x = torch.randn(3, 6)
     before = model(x)
     n_before = len(model[0].graph.nodes)
