@@ -480,6 +480,7 @@ def fit(model, method: Method, setting: DataSetting, data: tuple, k: int, lr: fl
     if controller is not None:
         controller.finalize()
         extra["ranks"] = controller.ranks()
+        extra["rollback"] = asdict(controller.rollback) if controller.rollback is not None else None
     val_acc, val_loss = _evaluate(model, val)
     test_acc = _evaluate(model, test)[0] if test is not None else float("nan")
     stored = _param_counts(model, method)[2]
