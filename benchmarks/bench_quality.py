@@ -240,10 +240,9 @@ def _study_plans(store: RunStore, mode: Mode, dataset: str) -> list[tuple[Method
     if default.chosen() is None:
         return None
     centre = default.grid.rate(default.chosen())
-    base = method_named("aurora_r2")
-    return [(base.with_recipe(r, STUDY_PREFIX),
-             plan_for(store, dataset, base.with_recipe(r, STUDY_PREFIX), mode.grid(centre, half=1),
-                      (0, *STUDY_SEEDS) if r in CANDIDATES else (0,))) for r in STUDY]
+    variants = [method_named("aurora_r2").with_recipe(r, STUDY_PREFIX) for r in STUDY]
+    return [(v, plan_for(store, dataset, v, mode.grid(centre, half=1), (0, *STUDY_SEEDS) if v.recipe in CANDIDATES
+                         else (0,))) for v in variants]
 
 
 def _default_plan(store: RunStore, mode: Mode, dataset: str) -> MethodPlan:
@@ -389,7 +388,7 @@ def adapt(model, method: Method):
         return get_peft_model(model, LoraConfig(r=method.rank, lora_alpha=method.alpha, lora_dropout=0.0,
                                                 target_modules=["query", "value"], modules_to_save=["classifier"]))
     if method.kind == "aurora":
-        # the protocol's baseline is dropout 0 (the library default until issue 34): recipes are relative to it
+        # the protocol's baseline is dropout 0, pinned whatever the library default: recipes are relative to it
         config = aurora_fx.AuroraConfig(**{"rank": method.rank, "alpha": method.alpha, "dropout": 0.0,
                                            **dict(method.recipe)})
         return aurora_fx.apply(model, method.pattern, config=config, trainable_modules="classifier")
