@@ -11,8 +11,8 @@
 2. Training step on MiniLM-L6 (real weights), seq 128, batch 16, adapters on query/value, AdamW:
    AuroRA fused (adapter dropout 0, and at 0.05: the default until issue 34's 3-seed study), AuroRA unfused,
    our LoRA r=8, HF PEFT LoRA r=8 (every other dropout off: the model's own and the other adapters'), and
-   the floor: the frozen model with a trainable head whose backward still runs through every layer (embedding output requires
-   grad; activation gradients only). Step time (median), activation memory saved for backward
+   the floor: the frozen model with a trainable head whose backward still runs through every layer
+   (embedding output requires grad; activation gradients only). Step time (median), activation memory saved for backward
    (exact, from saved-tensor hooks), and peak RSS (each variant in its own process).
 3. Inference: eager forward latency (eval, no_grad) with and without adapters.
 
