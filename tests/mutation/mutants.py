@@ -295,4 +295,18 @@ MUTANTS: list[Mutant] = [
     Mutant("graph-buffers-baked", "aurora_fx/passes/insert_adapters.py",
            "    proxy_buffer_attributes = True\n", "", ("tests/passes/test_insert_adapters.py",),
            "AROMA's merged factors (buffers) traced as constants: model.to(dtype) after apply fails"),
+    # -- the quality protocol's recipe decision and fresh seeds (issue 34)
+    Mutant("recipe-spread-ignored", "benchmarks/bench_quality.py",
+           "    return b.median - a.median > max(a.spread, b.spread)", "    return b.median - a.median > 0",
+           ("tests/benchmarks/test_bench_quality.py",), "a recipe wins on a difference inside the seed spread"),
+    Mutant("aurora-reports-seed-0", "benchmarks/bench_quality.py",
+           "    return seeds[1:] if method.kind == \"aurora\" and mode.study else seeds", "    return seeds",
+           ("tests/benchmarks/test_bench_quality.py",), "AuroRA rows report the rate-choosing seed 0"),
+    Mutant("official-snapshot-clean", "benchmarks/official_aroma.py",
+           "        self.previous_product.copy_(current)  # the official snapshot keeps the difference (kept defect)",
+           "        self.previous_product.copy_(self.lora_B.weight @ self.lora_A.weight)",
+           ("tests/benchmarks/test_official_aroma.py",), "the port cleans the official inner-check snapshot"),
+    Mutant("official-reset-after-step", "benchmarks/official_aroma.py",
+           "register_step_pre_hook", "register_step_post_hook", ("tests/benchmarks/test_official_aroma.py",),
+           "the port resets after the step (the official code resets before it)"),
 ]
