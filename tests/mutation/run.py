@@ -51,23 +51,26 @@ def _run(mutant: Mutant, copy: Path) -> tuple[str, float]:
 def main() -> int:
     wanted = set(sys.argv[1:])
     chosen = [m for m in MUTANTS if not wanted or m.name in wanted]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
     rows = []
     with tempfile.TemporaryDirectory(prefix="aurora_fx_mutants.") as tmp:
         _copy(Path(tmp))
         for i, mutant in enumerate(chosen, 1):
             verdict, seconds = _run(mutant, Path(tmp))
             rows.append({"name": mutant.name, "file": mutant.file, "what": mutant.what, "verdict": verdict,
-                         "seconds": round(seconds, 1), "tests": list(mutant.tests)})
+                         "seconds": round(seconds, 1), "tests": list(mutant.tests), "commit": commit})
             print(f"[{i}/{len(chosen)}] {verdict:8s} {mutant.name}: {mutant.what}", flush=True)
     out = ROOT / "benchmarks" / "results" / "mutants.json"
-    if wanted and out.exists():  # a partial run updates its rows of the last full table
+    if wanted and out.exists():  # a partial run updates its rows of the last table (each row keeps its commit)
+        last = json.loads(out.read_text())
         fresh = {r["name"]: r for r in rows}
-        rows = [fresh.pop(r["name"], r) for r in json.loads(out.read_text())["rows"]] + list(fresh.values())
+        rows = [fresh.pop(r["name"], {"commit": last["commit"], **r}) for r in last["rows"]] + list(fresh.values())
     caught = sum(r["verdict"].startswith("caught") for r in rows)
     print(f"\n{caught} of {len(rows)} mutants caught")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    out.write_text(json.dumps({"commit": commit.stdout.strip(), "caught": caught, "total": len(rows), "rows": rows},
-                              indent=2))
+    commits = sorted({r["commit"] for r in rows})
+    out.write_text(json.dumps({"commit": commit, "row_commits": commits, "caught": caught, "total": len(rows),
+                               "rows": rows}, indent=2))
     return 0 if caught == len(rows) else 1
 
 
