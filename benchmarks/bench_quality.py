@@ -480,11 +480,19 @@ def fit(model, method: Method, setting: DataSetting, data: tuple, k: int, lr: fl
         controller.finalize()
         extra["ranks"] = controller.ranks()
         extra["rollback"] = asdict(controller.rollback) if controller.rollback is not None else None
+    counts = (trainable, adapter, _param_counts(model, method)[2])
+    return _scored(model, (val, test), RunKey(setting.name, method.name, k, seed), lr, counts, steps,
+                   result.seconds, extra)
+
+
+def _scored(model, data: tuple, key: RunKey, lr: float, counts: tuple[int, int, int], steps: int, seconds: float,
+            extra: dict) -> RunRecord:
+    """Evaluate a trained ``model`` on validation (and test, unless None) into its ``RunRecord``."""
+    val, test = data
     val_acc, val_loss = _evaluate(model, val)
     test_acc = _evaluate(model, test)[0] if test is not None else float("nan")
-    stored = _param_counts(model, method)[2]
-    return RunRecord(setting.name, method.name, k, seed, lr, val_acc, val_loss, test_acc, trainable, adapter, stored,
-                     steps, result.seconds, extra, git_commit())
+    return RunRecord(key.dataset, key.method, key.k, key.seed, lr, val_acc, val_loss, test_acc, *counts, steps,
+                     seconds, extra, git_commit())
 
 
 def fit_official(model, method: Method, setting: DataSetting, data: tuple, k: int, lr: float, seed: int) -> RunRecord:
@@ -515,10 +523,8 @@ def fit_official(model, method: Method, setting: DataSetting, data: tuple, k: in
         stopped, final_loss = str(stop), float("nan")
     seconds = time.perf_counter() - started
     extra = {"final_loss": final_loss, "t_in": t_in, "stopped": stopped, **loop.summary()}
-    val_acc, val_loss = _evaluate(model, val)
-    test_acc = _evaluate(model, test)[0] if test is not None else float("nan")
-    return RunRecord(setting.name, method.name, k, seed, lr, val_acc, val_loss, test_acc, trainable, adapter,
-                     loop.stored_params(), steps, seconds, extra, git_commit())
+    return _scored(model, (val, test), RunKey(setting.name, method.name, k, seed), lr,
+                   (trainable, adapter, loop.stored_params()), steps, seconds, extra)
 
 
 # -- the driver ------------------------------------------------------------------------------------
