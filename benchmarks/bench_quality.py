@@ -117,6 +117,8 @@ CANDIDATES: tuple[tuple[tuple[str, object], ...], ...] = (
     (), (("scale_by_rank", False),), (("dropout", 0.05),), (("dropout", 0.05), ("scale_by_rank", False)))
 STUDY_SEEDS = (4, 5, 6)  # fresh: neither the rate-choosing seed 0 nor the table's reported seeds
 REPORTED_AURORA_SEEDS = (1, 2, 3)  # AuroRA rows report fresh seeds (seed 0 chose the rate)
+CHECK_SEEDS = 3  # --seed-check: this many more seeds at a row's chosen rate, reported apart from the table
+PAIRED_WITH = "lora_r1"  # the seed check pairs every row with this one, seed by seed
 
 
 @dataclass(frozen=True)
@@ -149,6 +151,7 @@ class Mode:
     study: bool
     max_extra: int = 3  # grid growth steps allowed each way
     recipe: tuple[tuple[str, object], ...] | None = None  # --recipe: AuroRA rows' recipe before the study decides
+    seed_check: bool = False  # --seed-check: train ``check_seeds`` for the selected rows too
 
     def grid(self, center: float, half: int | None = None) -> GridPlan:
         return GridPlan(center, half=self.half if half is None else half, max_extra=self.max_extra)
@@ -321,6 +324,12 @@ def reported_seeds(mode: Mode, method: Method) -> tuple[int, ...]:
     return seeds[1:] if method.kind == "aurora" and mode.study else seeds
 
 
+def check_seeds(mode: Mode, method: Method) -> tuple[int, ...]:
+    """The seed check's extra seeds for a row: the ``CHECK_SEEDS`` after its reported ones."""
+    last = max(row_seeds(mode, method))
+    return tuple(range(last + 1, last + 1 + CHECK_SEEDS))
+
+
 def main_rows(store: RunStore, mode: Mode) -> list[Method]:
     """The table's rows; AuroRA rows wait for the study's recipe (left out until it is known) unless
     ``mode.recipe`` names one (``--recipe``: train them early; the report uses the study's decision)."""
@@ -343,6 +352,9 @@ def ready_runs(store: RunStore, mode: Mode) -> list[tuple[RunKey, Method, float]
         for method in main_rows(store, mode):
             plan = plan_for(store, setting.name, method, mode.grid(method.center), row_seeds(mode, method))
             out += [(key, method, plan.grid.rate(key.k)) for key in next_runs(plan, done)]
+            if mode.seed_check and plan.chosen() is not None:
+                keys = [RunKey(setting.name, method.name, plan.chosen(), s) for s in check_seeds(mode, method)]
+                out += [(key, method, plan.grid.rate(key.k)) for key in keys if key.id not in done]
     return list({key.id: (key, m, lr) for key, m, lr in out}.values())
 
 
@@ -595,6 +607,63 @@ def summarize(store: RunStore, mode: Mode, dataset: str, method: Method) -> Row 
                statistics.median(r.seconds for r in runs))
 
 
+@dataclass(frozen=True)
+class SeedCheck:
+    """A row's test accuracy over its reported and its ``check_seeds`` (same rate), and the per-seed
+    difference from ``PAIRED_WITH`` trained with the same seeds (points; None where that one is missing)."""
+
+    dataset: str
+    method: str
+    seeds: tuple[int, ...]
+    tests: tuple[float, ...]
+    paired: tuple[float, ...] | None
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.tests)
+
+    @property
+    def paired_median(self) -> float | None:
+        return None if self.paired is None else statistics.median(self.paired)
+
+
+def _all_seeds(store: RunStore, mode: Mode, dataset: str, method: Method) -> tuple[tuple[int, ...], tuple] | None:
+    row = summarize(store, mode, dataset, method)
+    if row is None:
+        return None
+    k = plan_for(store, dataset, method, mode.grid(method.center), row_seeds(mode, method)).chosen()
+    seeds = (*reported_seeds(mode, method), *check_seeds(mode, method))
+    runs = [store.get(RunKey(dataset, method.name, k, s)) for s in seeds]
+    return None if None in runs else (seeds, tuple(r.test_accuracy for r in runs))
+
+
+def seed_checks(store: RunStore, mode: Mode) -> list[SeedCheck]:
+    """Every row whose check seeds are done, paired seed by seed with ``PAIRED_WITH`` where it has them."""
+    out = []
+    for setting in mode.data:
+        base = _all_seeds(store, mode, setting.name, method_named(PAIRED_WITH))
+        for method in main_rows(store, mode):
+            found = _all_seeds(store, mode, setting.name, method)
+            if found is None:
+                continue
+            seeds, tests = found
+            paired = None
+            if base is not None and base[0] == seeds and method.name != PAIRED_WITH:
+                paired = tuple(round(100 * (a - b), 2) for a, b in zip(tests, base[1]))
+            out.append(SeedCheck(setting.name, method.name, seeds, tests, paired))
+    return out
+
+
+def format_seed_checks(checks: list[SeedCheck]) -> str:
+    rows = [(c.dataset, c.method, " ".join(map(str, c.seeds)), " ".join(f"{t:.3f}" for t in c.tests),
+             f"{c.median:.3f} [{min(c.tests):.3f}, {max(c.tests):.3f}]",
+             "-" if c.paired is None else " ".join(f"{d:+.1f}" for d in c.paired),
+             "-" if c.paired is None else f"{c.paired_median:+.1f}")
+            for c in checks]
+    return table(("data", "method", "seeds", "test acc by seed", "median [min, max]",
+                  f"minus {PAIRED_WITH}, same seed (pts)", "median diff"), rows)
+
+
 def study_table(store: RunStore, mode: Mode) -> list[dict]:
     """Best validation accuracy (and its rate) of the default and of every variant, per data set."""
     out = []
@@ -726,6 +795,9 @@ def write_outputs(stem: str, mode: Mode, store: RunStore, seconds: float) -> Non
             print(format_recipe_scores(scores))
         print(f"adopted AuroRA recipe: {recipe_name(recipe) if recipe is not None else 'study unfinished'}\n")
     print("\n".join(lines))
+    checks = seed_checks(store, mode)
+    if checks:
+        print(f"\nseed check ({CHECK_SEEDS} more seeds at the chosen rate):\n" + format_seed_checks(checks))
     commits = sorted({r.commit for r in store.runs.values()})
     payload = {"environment": environment(), "commit": git_commit(), "run_commits": commits,
                "mode": asdict(mode), "seconds": seconds,
@@ -733,7 +805,8 @@ def write_outputs(stem: str, mode: Mode, store: RunStore, seconds: float) -> Non
                "study": study, "recipe_candidates": [{**asdict(r), "recipe": recipe_name(r.recipe), "median": r.median,
                                                       "spread": r.spread} for r in recipe_scores(store, mode) or []],
                "adopted_recipe": recipe_name(recipe) if recipe is not None else None,
-               "verdicts": lines}
+               "verdicts": lines,
+               "seed_check": [{**asdict(c), "median": c.median, "paired_median": c.paired_median} for c in checks]}
     atomic_write_bytes(RESULTS / f"{stem}.json", json.dumps(payload, indent=2).encode())
     if rows:
         plot(rows, RESULTS / f"{stem}.png")
@@ -750,6 +823,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--recipe", default=None, choices=[recipe_name(r) for r in CANDIDATES],
                         help="train the AuroRA rows under this candidate recipe now, without the study's runs "
                              "(the report still follows the study's decision)")
+    parser.add_argument("--seed-check", action="store_true",
+                        help=f"also train {CHECK_SEEDS} more seeds of each selected row at its chosen rate (reported "
+                             f"apart from the table, paired seed by seed with {PAIRED_WITH})")
     args = parser.parse_args(argv)
     from tqdm.auto import tqdm
 
@@ -758,6 +834,8 @@ def main(argv: list[str] | None = None) -> None:
         mode = replace(mode, methods=tuple(method_named(m).name for m in args.methods.split(",")))
     if args.recipe and not args.report:
         mode = replace(mode, recipe=next(r for r in CANDIDATES if recipe_name(r) == args.recipe))
+    if args.seed_check:
+        mode = replace(mode, seed_check=True)
     stem = "quality_quick" if args.quick else "quality"
     started = time.perf_counter()
     store = RunStore(RESULTS / f"{stem}_runs.json", fresh=args.fresh)

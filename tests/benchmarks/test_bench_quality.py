@@ -259,3 +259,33 @@ def test_a_named_recipe_trains_aurora_rows_before_the_study_decides_without_its_
     ready = {key.method for key, _, _ in BQ.ready_runs(store, mode)}
     assert ready == {"aurora_r4[dropout=0.05]"}  # no study runs, no other rows
     assert BQ.adopted_recipe(store, mode) is None  # the report still waits for the study
+
+
+def test_the_seed_check_trains_more_seeds_at_the_chosen_rate_and_pairs_them_seed_by_seed(tmp_path):
+    from dataclasses import replace
+
+    store = BQ.RunStore(tmp_path / "runs.json")
+    mode = replace(BQ.FULL, methods=("lora_r1", "aroma_r1"), seed_check=True)
+    for method in ("lora_r1", "aroma_r1"):
+        _finish_grid(store, method, best_k=1)
+    rows = ("lora_r1", "aroma_r1")
+
+    def ready(mode):  # the rows' bbc runs (the study's own runs are ready too)
+        return {(k.method, k.k, k.seed) for k, _, _ in BQ.ready_runs(store, mode) if k.dataset == "bbc"
+                and k.method in rows}
+
+    assert ready(mode) == {(m, 1, s) for m in rows for s in (1, 2, 3, 4, 5)}
+    assert ready(replace(mode, seed_check=False)) == {(m, 1, s) for m in rows for s in (1, 2)}  # the table's only
+    assert BQ.check_seeds(BQ.FULL, BQ.method_named("aurora_r4")) == (4, 5, 6)  # after AuroRA's fresh 1-3
+    lora = (0.8, 0.7, 0.6, 0.7, 0.8, 0.9)
+    aroma = (0.7, 0.7, 0.7, 0.7, 0.7, 0.7)
+    for seed in range(6):
+        store.put(_record("lora_r1", 1, seed=seed, val=0.8 if seed == 0 else 0.1, test=lora[seed]))
+        store.put(_record("aroma_r1", 1, seed=seed, val=0.8 if seed == 0 else 0.1, test=aroma[seed]))
+    assert not ready(mode)
+    checks = {c.method: c for c in BQ.seed_checks(store, mode)}
+    assert checks["aroma_r1"].seeds == (0, 1, 2, 3, 4, 5) and checks["aroma_r1"].tests == aroma
+    assert checks["aroma_r1"].paired == (-10.0, 0.0, 10.0, 0.0, -10.0, -20.0)
+    assert checks["aroma_r1"].paired_median == -5.0 and checks["lora_r1"].paired is None
+    assert BQ.summarize(store, mode, "bbc", BQ.method_named("aroma_r1")).tests == aroma[:3]  # the table's seeds
+    assert "-10.0 +0.0 +10.0 +0.0 -10.0 -20.0" in BQ.format_seed_checks(list(checks.values()))
