@@ -649,7 +649,7 @@ def seed_checks(store: RunStore, mode: Mode) -> list[SeedCheck]:
             seeds, tests = found
             paired = None
             if base is not None and base[0] == seeds and method.name != PAIRED_WITH:
-                paired = tuple(round(100 * (a - b), 2) for a, b in zip(tests, base[1]))
+                paired = tuple(round(100 * (a - b), 2) for a, b in zip(tests, base[1], strict=True))
             out.append(SeedCheck(setting.name, method.name, seeds, tests, paired))
     return out
 
