@@ -36,6 +36,11 @@ the plot from finished runs; ``--quick`` is a smoke run of a few minutes.
     python benchmarks/bench_quality.py                 # full protocol (resumable)
     python benchmarks/bench_quality.py --report        # table, verdicts and plot from finished runs
     python benchmarks/bench_quality.py --quick         # < 10 minutes
+    python benchmarks/bench_quality.py --methods lora_r1,aroma_r1 --seed-check   # 3 more seeds, paired
+
+``--seed-check`` (issue 34) trains ``CHECK_SEEDS`` more seeds of the selected rows at their chosen rates; the
+report prints them apart from the table (which keeps its 3 seeds), with each row's per-seed difference from
+``PAIRED_WITH`` (LoRA r = 1) trained with the same seeds.
 
 Writes ``results/quality.json`` and ``results/quality.png`` (``quality_quick.*`` for ``--quick``).
 """
