@@ -615,12 +615,14 @@ def summarize(store: RunStore, mode: Mode, dataset: str, method: Method) -> Row 
 @dataclass(frozen=True)
 class SeedCheck:
     """A row's test accuracy over its reported and its ``check_seeds`` (same rate), and the per-seed
-    difference from ``PAIRED_WITH`` trained with the same seeds (points; None where that one is missing)."""
+    difference from ``peer`` trained with the same seeds (points; None where the peer's seeds differ or are
+    missing)."""
 
     dataset: str
     method: str
     seeds: tuple[int, ...]
     tests: tuple[float, ...]
+    peer: str
     paired: tuple[float, ...] | None
 
     @property
@@ -642,31 +644,42 @@ def _all_seeds(store: RunStore, mode: Mode, dataset: str, method: Method) -> tup
     return None if None in runs else (seeds, tuple(r.test_accuracy for r in runs))
 
 
+def _check_rows(store: RunStore, mode: Mode) -> list[tuple[Method, Method]]:
+    """(row, peer): the table's rows, paired with ``PAIRED_WITH``; each AuroRA row under the other candidate
+    recipes (``--recipe`` runs), paired with the same row under the adopted recipe."""
+    rows = main_rows(store, mode)
+    out = [(m, method_named(PAIRED_WITH)) for m in rows]
+    for m in (m for m in rows if m.kind == "aurora"):
+        variants = (method_named(m.name.split("[")[0]).with_recipe(r) for r in CANDIDATES)
+        out += [(v, m) for v in variants if v.name != m.name]
+    return out
+
+
 def seed_checks(store: RunStore, mode: Mode) -> list[SeedCheck]:
-    """Every row whose check seeds are done, paired seed by seed with ``PAIRED_WITH`` where it has them."""
+    """Every row (and AuroRA recipe variant) whose check seeds are done, paired seed by seed with its peer."""
     out = []
     for setting in mode.data:
-        base = _all_seeds(store, mode, setting.name, method_named(PAIRED_WITH))
-        for method in main_rows(store, mode):
+        for method, peer in _check_rows(store, mode):
             found = _all_seeds(store, mode, setting.name, method)
             if found is None:
                 continue
             seeds, tests = found
+            base = _all_seeds(store, mode, setting.name, peer)
             paired = None
-            if base is not None and base[0] == seeds and method.name != PAIRED_WITH:
+            if base is not None and base[0] == seeds and method.name != peer.name:
                 paired = tuple(round(100 * (a - b), 2) for a, b in zip(tests, base[1], strict=True))
-            out.append(SeedCheck(setting.name, method.name, seeds, tests, paired))
+            out.append(SeedCheck(setting.name, method.name, seeds, tests, peer.name, paired))
     return out
 
 
 def format_seed_checks(checks: list[SeedCheck]) -> str:
     rows = [(c.dataset, c.method, " ".join(map(str, c.seeds)), " ".join(f"{t:.3f}" for t in c.tests),
              f"{c.median:.3f} [{min(c.tests):.3f}, {max(c.tests):.3f}]",
-             "-" if c.paired is None else " ".join(f"{d:+.1f}" for d in c.paired),
+             "-" if c.paired is None else f"{c.peer}: " + " ".join(f"{d:+.1f}" for d in c.paired),
              "-" if c.paired is None else f"{c.paired_median:+.1f}")
             for c in checks]
     return table(("data", "method", "seeds", "test acc by seed", "median [min, max]",
-                  f"minus {PAIRED_WITH}, same seed (pts)", "median diff"), rows)
+                  "minus the peer, same seed (pts)", "median diff"), rows)
 
 
 def study_table(store: RunStore, mode: Mode) -> list[dict]:

@@ -288,4 +288,24 @@ def test_the_seed_check_trains_more_seeds_at_the_chosen_rate_and_pairs_them_seed
     assert checks["aroma_r1"].paired == (-10.0, 0.0, 10.0, 0.0, -10.0, -20.0)
     assert checks["aroma_r1"].paired_median == -5.0 and checks["lora_r1"].paired is None
     assert BQ.summarize(store, mode, "bbc", BQ.method_named("aroma_r1")).tests == aroma[:3]  # the table's seeds
-    assert "-10.0 +0.0 +10.0 +0.0 -10.0 -20.0" in BQ.format_seed_checks(list(checks.values()))
+    assert checks["aroma_r1"].peer == "lora_r1"
+    assert "lora_r1: -10.0 +0.0 +10.0 +0.0 -10.0 -20.0" in BQ.format_seed_checks(list(checks.values()))
+
+
+def test_the_seed_check_pairs_an_aurora_recipe_variant_with_the_adopted_recipe(tmp_path):
+    from dataclasses import replace
+
+    store = BQ.RunStore(tmp_path / "runs.json")
+    _run_study(store, {})  # adopts dropout 0 (nothing beats it)
+    mode = replace(BQ.FULL, methods=("aurora_r4",))
+    adopted, variant = "aurora_r4", "aurora_r4[dropout=0.05]"
+    runs = {adopted: (0.70, 0.72, 0.74, 0.70, 0.72, 0.74), variant: (0.71, 0.74, 0.77, 0.7, 0.7, 0.7)}
+    for method, tests in runs.items():
+        _finish_grid(store, method)
+        for seed, test in zip(range(1, 7), tests, strict=True):
+            store.put(_record(method, 0, seed=seed, test=test))
+    checks = {c.method: c for c in BQ.seed_checks(store, mode) if c.dataset == "bbc"}
+    assert checks[variant].peer == adopted and checks[variant].seeds == (1, 2, 3, 4, 5, 6)
+    assert checks[variant].paired == (1.0, 2.0, 3.0, 0.0, -2.0, -4.0) and checks[variant].paired_median == 0.5
+    assert checks[adopted].peer == "lora_r1" and checks[adopted].paired is None  # LoRA r=1 has other seeds
+    assert BQ.summarize(store, mode, "bbc", BQ.method_named("aurora_r4")).tests == (0.70, 0.72, 0.74)
