@@ -39,8 +39,9 @@ the plot from finished runs; ``--quick`` is a smoke run of a few minutes.
     python benchmarks/bench_quality.py --methods lora_r1,aroma_r1 --seed-check   # 3 more seeds, paired
 
 ``--seed-check`` (issue 34) trains ``CHECK_SEEDS`` more seeds of the selected rows at their chosen rates; the
-report prints them apart from the table (which keeps its 3 seeds), with each row's per-seed difference from
-``PAIRED_WITH`` (LoRA r = 1) trained with the same seeds.
+report prints them apart from the table (which keeps its 3 seeds), with each row's per-seed difference from a
+peer trained with the same seeds: ``PAIRED_WITH`` (LoRA r = 1) for the table's rows, the adopted recipe's row for
+an AuroRA row trained under another candidate (``--recipe ... --seed-check``).
 
 Writes ``results/quality.json`` and ``results/quality.png`` (``quality_quick.*`` for ``--quick``).
 """
@@ -635,6 +636,7 @@ class SeedCheck:
 
 
 def _all_seeds(store: RunStore, mode: Mode, dataset: str, method: Method) -> tuple[tuple[int, ...], tuple] | None:
+    """(seeds, test accuracies) of a finished row over its reported and check seeds, None while any is missing."""
     row = summarize(store, mode, dataset, method)
     if row is None:
         return None
