@@ -32,7 +32,9 @@ def main() -> None:
     torch.manual_seed(0)  # the same model on every rank ...
     model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 8)).to(device)
     target = nn.Sequential(nn.Linear(16, 8)).to(device)
-    aurora_fx.apply(model, "^0$|^2$", config=aurora_fx.AromaConfig(dropout=0.0))  # default compact_tol: span rule on
+    # compact_tol 0.2 (default 0.05): sites stop by the span rule within the run (at 0.05 none did), and rank 0's
+    # rank-1 target below makes that happen at another outer step on each rank unless the decision is agreed
+    aurora_fx.apply(model, "^0$|^2$", config=aurora_fx.AromaConfig(dropout=0.0, compact_tol=0.2))
     torch.manual_seed(1000 + rank)  # ... then a different global RNG on each
     optimizer = torch.optim.Adam(aurora_fx.trainable_parameters(model), lr=2e-2)
     controller = aurora_fx.AromaController(model, optimizer, inner_check_every=3, inner_threshold=0.3,
@@ -44,7 +46,9 @@ def main() -> None:
         if all(t.converged for t in controller.tracks):  # every site stopped: nothing trains any more
             break
         x = torch.randn(32, 16, generator=data).to(device)
-        loss = nn.functional.mse_loss(model(x), target(x).detach() * (1 + rank))
+        y = target(x).detach()
+        y = y[:, :1].expand_as(y) if rank == 0 else 2 * y  # rank 0: a rank-1 target, whose sites stop growing
+        loss = nn.functional.mse_loss(model(x), y)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

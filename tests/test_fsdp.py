@@ -63,6 +63,7 @@ def test_aroma_decisions_stay_identical_when_only_the_controller_syncs(tmp_path)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert len(ranks[0]["history"]) >= 3
     assert ranks[0]["history"] == ranks[1]["history"]  # the same outer steps, merges and stops
+    assert any(h[3] for h in ranks[0]["history"][:-1])  # a site stopped while another grew on: a decision to agree
     assert ranks[0]["fresh"] == ranks[1]["fresh"]  # re-initialised pieces from the seeded generator
     kept = [m for step in ranks[0]["masks"] for m in step]
     assert 0 < sum(map(sum, kept)) < sum(map(len, kept))  # the moment resets kept some entries, not all
