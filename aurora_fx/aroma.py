@@ -112,6 +112,15 @@ class _Rewarm:
         self.k += 1
         self._write()
 
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue a ramp saved mid-way: its counters and the rate it had written into the groups.
+
+        Without the rate, an optimizer rebuilt for the resume would take its next step at the full rate.
+        """
+        self.k, self.underlying, self.written = state["k"], list(state["underlying"]), state["written"]
+        for group, lr in zip(self.optimizer.param_groups, self.written or (), strict=False):
+            group["lr"] = lr
+
     def _write(self) -> None:
         factor = min(1.0, self.k / self.steps)
         for group, lr in zip(self.optimizer.param_groups, self.underlying, strict=False):
@@ -516,8 +525,7 @@ class AromaController:
         self.history = [OuterStep(**{**h, "merged": tuple(h["merged"]), "converged": tuple(h["converged"])})
                         for h in state["history"]]
         if self._rewarm is not None and state.get("rewarm") is not None:
-            self._rewarm.k, self._rewarm.underlying = state["rewarm"]["k"], list(state["rewarm"]["underlying"])
-            self._rewarm.written = state["rewarm"]["written"]
+            self._rewarm.restore(state["rewarm"])
         for path, saved in state["tracks"].items():
             t = tracks[path]
             t.wnorm2, t.stabilized, t.converged = saved["wnorm2"], saved["stabilized"], saved["converged"]

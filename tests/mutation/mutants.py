@@ -161,6 +161,10 @@ MUTANTS: list[Mutant] = [
     Mutant("resume-no-snapshots", "aurora_fx/aroma.py",
            "t.snap = None if snap is None else tuple(x.to(t.adapter.A.device) for x in snap)", "t.snap = None",
            ("tests/test_aroma_resume.py",), "a resumed controller forgets its inner-check snapshots"),
+    Mutant("resume-rewarm-rate-lost", "aurora_fx/aroma.py",
+           "        for group, lr in zip(self.optimizer.param_groups, self.written or (), strict=False):\n"
+           "            group[\"lr\"] = lr\n", "",
+           ("tests/test_aroma_resume.py",), "a run resumed mid re-warm takes its next step at the full rate"),
     Mutant("resume-no-counters", "aurora_fx/aroma.py",
            '        for name, value in state["counters"].items():\n            setattr(self, name, value)\n', "",
            ("tests/test_aroma_resume.py",), "a resumed controller restarts its counters"),
