@@ -637,10 +637,9 @@ class SeedCheck:
 
 def _all_seeds(store: RunStore, mode: Mode, dataset: str, method: Method) -> tuple[tuple[int, ...], tuple] | None:
     """(seeds, test accuracies) of a finished row over its reported and check seeds, None while any is missing."""
-    row = summarize(store, mode, dataset, method)
-    if row is None:
-        return None
     k = plan_for(store, dataset, method, mode.grid(method.center), row_seeds(mode, method)).chosen()
+    if k is None:
+        return None
     seeds = (*reported_seeds(mode, method), *check_seeds(mode, method))
     runs = [store.get(RunKey(dataset, method.name, k, s)) for s in seeds]
     return None if None in runs else (seeds, tuple(r.test_accuracy for r in runs))
@@ -660,13 +659,14 @@ def _check_rows(store: RunStore, mode: Mode) -> list[tuple[Method, Method]]:
 def seed_checks(store: RunStore, mode: Mode) -> list[SeedCheck]:
     """Every row (and AuroRA recipe variant) whose check seeds are done, paired seed by seed with its peer."""
     out = []
+    rows = _check_rows(store, mode)
     for setting in mode.data:
-        for method, peer in _check_rows(store, mode):
-            found = _all_seeds(store, mode, setting.name, method)
-            if found is None:
+        found = {m.name: _all_seeds(store, mode, setting.name, m) for m in {m for pair in rows for m in pair}}
+        for method, peer in rows:
+            if found[method.name] is None:
                 continue
-            seeds, tests = found
-            base = _all_seeds(store, mode, setting.name, peer)
+            seeds, tests = found[method.name]
+            base = found[peer.name]
             paired = None
             if base is not None and base[0] == seeds and method.name != peer.name:
                 paired = tuple(round(100 * (a - b), 2) for a, b in zip(tests, base[1], strict=True))
